@@ -1,0 +1,142 @@
+// CUDA kernels of kl_sample / kl_sample_backward (see ../cpu/kl_sample.cpp for the math).
+// One thread per (b, w) column walks C x H; neighbouring threads read neighbouring w, so
+// every load is coalesced. In-kernel noise: Philox keyed by torch's CUDA generator, stream =
+// element index, the same numbers as the CPU kernel for the same (seed, counter).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "cuda/cuda_utils.cuh"
+#include "op_checks.h"
+#include "ops.h"
+#include "philox.h"
+
+namespace tatitok_fast {
+namespace {
+
+template <typename scalar_t>
+__global__ void kl_sample_kernel(const scalar_t* __restrict__ p, const float* __restrict__ eps_in, int64_t B,
+                                 int64_t C, int64_t H, int64_t W, bool deterministic, at::PhiloxCudaState rng,
+                                 float* __restrict__ sample, float* __restrict__ mean, float* __restrict__ std_out,
+                                 float* __restrict__ kl) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= B * W) return;
+  uint64_t seed = 0, counter = 0;
+  if (!deterministic && eps_in == nullptr) philox_seed_counter(rng, &seed, &counter);
+  const int64_t b = col / W, w = col % W;
+  float acc = 0.f;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t out = ((b * C + c) * H + h) * W + w;
+      const float mu = static_cast<float>(p[((b * 2 * C + c) * H + h) * W + w]);
+      const float lv = fminf(fmaxf(static_cast<float>(p[((b * 2 * C + C + c) * H + h) * W + w]), -30.f), 20.f);
+      mean[out] = mu;
+      if (deterministic) {
+        sample[out] = mu;
+        std_out[out] = 0.f;
+        continue;
+      }
+      const float sdev = expf(__fmul_rn(0.5f, lv));
+      const float var = expf(lv);
+      float eps;
+      if (eps_in != nullptr) {
+        eps = eps_in[out];
+      } else {
+        const Philox4 r = philox4x32_10(seed, counter, static_cast<uint64_t>(out));
+        eps = normal_from_uniforms(uniform01(r.x[0]), uniform01(r.x[1]));
+      }
+      std_out[out] = sdev;
+      sample[out] = __fadd_rn(mu, __fmul_rn(sdev, eps));
+      acc += mu * mu + var - 1.0f - lv;
+    }
+  }
+  kl[col] = deterministic ? 0.f : 0.5f * acc;
+}
+
+__global__ void kl_backward_kernel(const float* __restrict__ p, const float* __restrict__ smp,
+                                   const float* __restrict__ gs, const float* __restrict__ gm,
+                                   const float* __restrict__ gsd, const float* __restrict__ gk, int64_t B, int64_t C,
+                                   int64_t H, int64_t W, bool deterministic, float* __restrict__ g) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= B * W) return;
+  const int64_t b = col / W, w = col % W;
+  const float gkl = (gk != nullptr && !deterministic) ? gk[col] : 0.f;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t out = ((b * C + c) * H + h) * W + w;
+      const int64_t im = ((b * 2 * C + c) * H + h) * W + w;
+      const int64_t il = ((b * 2 * C + C + c) * H + h) * W + w;
+      const float mu = p[im], lv_raw = p[il];
+      float dmu = (gs ? gs[out] : 0.f) + (gm ? gm[out] : 0.f);
+      float dlv = 0.f;
+      if (!deterministic) {
+        const float lv = fminf(fmaxf(lv_raw, -30.f), 20.f);
+        const float sdev = expf(0.5f * lv);
+        dmu += gkl * mu;
+        if (gs) dlv += gs[out] * 0.5f * (smp[out] - mu);  // 0.5 * std * eps
+        if (gsd) dlv += gsd[out] * 0.5f * sdev;
+        dlv += gkl * 0.5f * (expf(lv) - 1.0f);
+        if (lv_raw < -30.f || lv_raw > 20.f) dlv = 0.f;
+      }
+      g[im] = dmu;
+      g[il] = dlv;
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cuda(const at::Tensor& parameters,
+                                                                          const std::optional<at::Tensor>& noise,
+                                                                          bool deterministic,
+                                                                          std::optional<at::Generator> generator) {
+  check_kl_args(parameters, noise);
+  const c10::cuda::CUDAGuard guard(parameters.device());
+  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
+  const auto f32 = parameters.options().dtype(at::kFloat);
+  auto sample = at::empty({B, C, H, W}, f32);
+  auto mean = at::empty({B, C, H, W}, f32);
+  auto std_out = at::empty({B, C, H, W}, f32);
+  auto kl = at::zeros({B, W}, f32);
+  if (sample.numel() == 0) return {sample, mean, std_out, kl};
+  const at::Tensor params = parameters.contiguous();
+  const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
+  at::PhiloxCudaState rng;
+  if (!deterministic && !noise.has_value()) rng = reserve_philox(generator, 1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 128;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "kl_sample_cuda", [&] {
+    kl_sample_kernel<scalar_t><<<num_blocks(B * W, kThreads), kThreads, 0, stream>>>(
+        params.data_ptr<scalar_t>(), noise_c.defined() ? noise_c.data_ptr<float>() : nullptr, B, C, H, W,
+        deterministic, rng, sample.data_ptr<float>(), mean.data_ptr<float>(), std_out.data_ptr<float>(),
+        kl.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sample, mean, std_out, kl};
+}
+
+at::Tensor kl_sample_backward_cuda(const std::optional<at::Tensor>& grad_sample,
+                                   const std::optional<at::Tensor>& grad_mean,
+                                   const std::optional<at::Tensor>& grad_std,
+                                   const std::optional<at::Tensor>& grad_kl, const at::Tensor& parameters,
+                                   const at::Tensor& sample, bool deterministic) {
+  check_kl_args(parameters, std::nullopt);
+  const c10::cuda::CUDAGuard guard(parameters.device());
+  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
+  auto grad = at::empty({B, 2 * C, H, W}, parameters.options().dtype(at::kFloat));
+  if (grad.numel() == 0) return grad.to(parameters.scalar_type());
+  const at::Tensor params = parameters.to(at::kFloat).contiguous();
+  const at::Tensor smp = sample.to(at::kFloat).contiguous();
+  auto opt = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
+  };
+  const at::Tensor gs = opt(grad_sample), gm = opt(grad_mean), gsd = opt(grad_std), gk = opt(grad_kl);
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  constexpr int kThreads = 128;
+  kl_backward_kernel<<<num_blocks(B * W, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      params.data_ptr<float>(), smp.data_ptr<float>(), ptr(gs), ptr(gm), ptr(gsd), ptr(gk), B, C, H, W,
+      deterministic, grad.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad.to(parameters.scalar_type());
+}
+
+}  // namespace tatitok_fast

@@ -1,0 +1,1 @@
+"""tatitok_fast."""

@@ -1,0 +1,33 @@
+"""When the Triton kernels run. The models use them on CUDA tensors and the PyTorch twins
+elsewhere; the tests also run them on CPU tensors under TRITON_INTERPRET=1 (Triton's
+interpreter), which is how CI checks them without a GPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_enabled(x: torch.Tensor) -> bool:
+    """The models' choice: Triton for CUDA tensors."""
+    return HAS_TRITON and x.is_cuda
+
+
+def check_triton_runnable(x: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {x.device}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
