@@ -1,4 +1,9 @@
 """Helpers shared by the tests."""
+import json
+import math
+import zlib
+from pathlib import Path
+
 import torch
 
 from tatitok_fast.ops import has_kernel
@@ -20,3 +25,54 @@ def poison_allocator(device: str, nbytes: int = 1 << 22) -> None:
     forgets to write then shows up (reliably with CUDA's caching allocator)."""
     t = torch.full((nbytes,), 255, dtype=torch.uint8, device=device)
     del t
+
+
+# ---------------------------------------------------------------------------------------
+# Parity cases (tests/fixtures/parity/<case>/: config.json + case.pt made by running the
+# reference implementation on synthetic weights; see tests/fixtures/README.md)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def synthetic_weight(name: str, shape, seed: int, kind: str | None) -> torch.Tensor:
+    """The deterministic weight recipe of the parity cases: a float64 normal draw seeded by
+    (seed, crc32(name)), shaped by the tensor's kind, stored as float32."""
+    if kind is None:  # buffers such as embed_prob start at zero
+        return torch.zeros(shape)
+    g = torch.Generator().manual_seed((seed * 1000003) ^ zlib.crc32(name.encode()))
+    t = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+    if kind == "norm_weight":
+        t = 1.0 + 0.1 * t
+    elif kind == "bias":
+        t = 0.05 * t
+    elif kind == "matrix":
+        t = t / math.sqrt(math.prod(shape[1:]) if len(shape) > 1 else shape[0])
+    elif kind != "codebook":
+        t = 0.2 * t
+    return t.float()
+
+
+def load_parity_case(name: str):
+    """(config dict, case dict) of a parity case."""
+    case_dir = FIXTURES / "parity" / name
+    config = json.loads((case_dir / "config.json").read_text())
+    case = torch.load(case_dir / "case.pt", weights_only=False)
+    return config, case
+
+
+def write_parity_checkpoint(name: str, out_dir: Path, *, tied_once: bool = True) -> tuple[dict, dict]:
+    """Write an official-layout checkpoint directory (config.json + model.safetensors, a tied
+    tensor stored once under its alphabetically first name) for a parity case."""
+    from safetensors.torch import save_file
+
+    config, case = load_parity_case(name)
+    sd = {k: synthetic_weight(k, shape, case["seed"], case["kinds"].get(k)).contiguous()
+          for k, shape in case["shapes"].items()}
+    if tied_once:
+        for alias, source in case.get("tied", {}).items():
+            keep, drop = sorted([alias, source])
+            sd.pop(drop, None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    save_file(sd, str(out_dir / "model.safetensors"))
+    return config, case

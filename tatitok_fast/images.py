@@ -1,0 +1,113 @@
+"""Images in and out: PIL images, uint8/float tensors, numpy arrays and file paths become
+(B, 3, S, S) float tensors in [0, 1] (shorter side resized to S, bicubic + antialias, then
+centre-cropped); generated tensors become PNG files and image grids."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB (grey, palette, alpha and CMYK images are converted)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):  # composite transparency over white
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"could not read image {path}: {exc}") from exc
+
+
+def _to_chw_float(item) -> torch.Tensor:
+    """One image -> (3, H, W) float in [0, 1]."""
+    if isinstance(item, (str, os.PathLike)):
+        item = open_rgb(item)
+    if isinstance(item, Image.Image):
+        if item.mode != "RGB":
+            item = item.convert("RGB")
+        item = np.asarray(item)
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3:
+            raise ValueError(f"images: expected an (H, W, 3) array, got shape {item.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+    elif isinstance(item, torch.Tensor):
+        t = item
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"images: expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
+    else:
+        raise TypeError(f"images: expected PIL images, tensors, arrays or file paths, got {type(item).__name__}")
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if not t.is_floating_point():
+        raise TypeError(f"images: expected uint8 or float images, got {t.dtype}")
+    return t.float()
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size): shorter side to `size` (bicubic, antialiased), centre crop."""
+    _, h, w = x.shape
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[:, top:top + size, left:left + size]
+    return x.clamp(0.0, 1.0)
+
+
+def load_images(images, size: int) -> torch.Tensor:
+    """One or many images (see module doc) -> (B, 3, size, size) float32 in [0, 1]."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        items: Sequence = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = images
+    else:
+        items = [images]
+    if len(items) == 0:
+        raise ValueError("images: expected at least one image, got none")
+    return torch.stack([resize_center_crop(_to_chw_float(it), size) for it in items])
+
+
+def list_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to the image files they hold (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    return out
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) float in [0, 1] -> PIL images (values clamped, rounded)."""
+    arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile equally sized PIL images into one image (white padding)."""
+    if not images:
+        raise ValueError("images: nothing to put in a grid")
+    w, h = images[0].size
+    ncols = ncols or int(np.ceil(np.sqrt(len(images))))
+    nrows = int(np.ceil(len(images) / ncols))
+    grid = Image.new("RGB", (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from tatitok_fast import TATiTok
+from tatitok_fast.checkpoint import CheckpointError
+from tatitok_fast.presets import TOKENIZERS
+from tests.helpers import FIXTURES, load_parity_case, write_parity_checkpoint
+
+LAYOUT = json.loads((FIXTURES / "official_layout.json").read_text())
+
+
+def _rel_err(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def kl_parity(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tatitok_kl_s")
+    config, case = write_parity_checkpoint("tatitok_kl_s", out)
+    return out, config, case
+
+
+def test_parity_with_reference_kl(kl_parity):
+    path, _, case = kl_parity
+    model = TATiTok.from_pretrained(path)
+    images, guidance = case["inputs"]["images"], case["inputs"]["text_guidance"]
+    with torch.no_grad():
+        enc = model.encoder(images, model.latent_tokens)
+        z, posterior = model.encode(images)
+        decoded = model.decode_tokens(posterior.mean, guidance)
+    out = case["outputs"]
+    assert _rel_err(enc, out["encoder_out"]) <= 1e-5
+    assert _rel_err(posterior.mean, out["mean"]) <= 1e-5
+    assert _rel_err(posterior.std, out["std"]) <= 1e-5
+    assert _rel_err(decoded, out["decoded"]) <= 1e-5
+    assert z.shape == out["mean"].shape and not torch.equal(z, posterior.mean)  # a sample, not the mean
+
+
+def test_vq_tokens_equal_reference_quantizer(kl_parity):
+    """A VQ tokenizer built from the same weights: ids equal the reference VectorQuantizer's
+    argmin over the full distance matrix (computed here with the reference formula)."""
+    _, config, case = kl_parity
+    vq_config = json.loads(json.dumps(config))
+    vq_config["model"]["vq_model"].update(quantize_mode="vq", codebook_size=256, token_size=16, use_l2_norm=False,
+                                          commitment_cost=0.25, clustering_vq=False)
+    model = TATiTok(vq_config).eval()
+    x = case["inputs"]["images"]
+    with torch.no_grad():
+        z = model.encoder(x, model.latent_tokens)
+        _, result = model.encode(x)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 16)
+    e = model.quantize.embedding.weight
+    d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * torch.einsum("bd,dn->bn", flat, e.T)
+    assert torch.equal(result["min_encoding_indices"].flatten(), d.argmin(1))
+    assert result["min_encoding_indices"].shape == (2, 1, 32)
+    with torch.no_grad():
+        img = model.decode_tokens(result["min_encoding_indices"], case["inputs"]["text_guidance"])
+    assert img.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("preset", sorted(TOKENIZERS))
+def test_preset_layout_matches_official(preset):
+    with torch.device("meta"):
+        model = TATiTok(TOKENIZERS[preset])
+    want = LAYOUT[preset]["state_dict"]
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == want
+    assert sum(p.numel() for p in model.parameters()) == LAYOUT[preset]["num_params"]
+
+
+def test_save_pretrained_roundtrip(kl_parity, tmp_path):
+    path, _, case = kl_parity
+    model = TATiTok.from_pretrained(path)
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
+    again = TATiTok.from_pretrained(tmp_path / "saved")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    again = TATiTok.from_pretrained(tmp_path / "bin")
+    assert torch.equal(again.decoder.conv_out.weight, model.decoder.conv_out.weight)
+
+
+def test_raw_state_dict_with_preset_config(kl_parity, tmp_path):
+    path, config, _ = kl_parity
+    model = TATiTok.from_pretrained(path)
+    torch.save(model.state_dict(), tmp_path / "raw.bin")
+    loaded = TATiTok.from_pretrained(tmp_path / "raw.bin", config=config)
+    assert torch.equal(loaded.latent_tokens, model.latent_tokens)
+
+
+def test_bad_checkpoints(kl_parity, tmp_path):
+    path, config, _ = kl_parity
+    with pytest.raises(CheckpointError, match="no weights in"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text(json.dumps(config))
+        TATiTok.from_pretrained(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="could not read weights file"):
+        TATiTok.from_pretrained(tmp_path / "corrupt")
+    wrong = json.loads(json.dumps(config))
+    wrong["model"]["vq_model"]["num_latent_tokens"] = 64
+    with pytest.raises(CheckpointError, match="wrong shape.*latent_tokens"):
+        TATiTok.from_pretrained(path, config=wrong)
+    with pytest.raises(CheckpointError, match="not a directory, a weights file, a preset name"):
+        TATiTok.from_pretrained(tmp_path / "nope")
+    with pytest.raises(KeyError, match="unknown preset"):
+        from tatitok_fast.presets import preset_config
+        preset_config("tatitok_bl999_vq")
+
+
+def test_offline_hub_error_names_what_was_tried(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="turkeyju/tokenizer_tatitok_bl32_vae.*offline"):
+        TATiTok.from_pretrained("turkeyju/tokenizer_tatitok_bl32_vae", cache_dir=str(tmp_path), local_files_only=True)
+    with pytest.raises(CheckpointError, match="turkeyju/tokenizer_tatitok_bl32_vq"):
+        TATiTok.from_pretrained("tatitok_bl32_vq", cache_dir=str(tmp_path), local_files_only=True)
+
+
+def test_bad_inputs(kl_parity):
+    path, _, case = kl_parity
+    model = TATiTok.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"x: this tokenizer takes 64x64 images"):
+        model.encode(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"x: expected images \(B, 3, 64, 64\)"):
+        model.encode(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match=r"text_guidance: expected CLIP text states \(2, 77, 768\)"):
+        model.decode_tokens(torch.randn(2, 16, 1, 32), torch.randn(2, 77, 512))
+    with pytest.raises(ValueError, match=r"tokens: expected float \(B, 16, 1, 32\)"):
+        model.decode_tokens(torch.randn(2, 16, 1, 64), case["inputs"]["text_guidance"])
+    with pytest.raises(ValueError, match="quantize_mode must be"):
+        cfg = json.loads(json.dumps(model.config))
+        cfg["model"]["vq_model"]["quantize_mode"] = "fsq"
+        TATiTok(cfg)
