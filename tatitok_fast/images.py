@@ -3,6 +3,7 @@
 centre-cropped); generated tensors become PNG files and image grids."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -15,8 +16,9 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB (grey, palette, alpha and CMYK images are converted)."""
+def open_rgb(path) -> Image.Image:
+    """Open an image file (path or binary file object) as RGB (grey, palette, alpha and CMYK
+    images are converted)."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -27,12 +29,13 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"could not read image {path}: {exc}") from exc
+        name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "<bytes>")
+        raise ValueError(f"could not read image {name}: {exc}") from exc
 
 
 def _to_chw_float(item) -> torch.Tensor:
     """One image -> (3, H, W) float in [0, 1]."""
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike, io.IOBase)):
         item = open_rgb(item)
     if isinstance(item, Image.Image):
         if item.mode != "RGB":
@@ -41,7 +44,7 @@ def _to_chw_float(item) -> torch.Tensor:
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3:
             raise ValueError(f"images: expected an (H, W, 3) array, got shape {item.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(item, copy=True)).permute(2, 0, 1)  # writable copy
     elif isinstance(item, torch.Tensor):
         t = item
         if t.dim() != 3 or t.shape[0] != 3:

@@ -70,3 +70,34 @@ def preset_config(name: str) -> dict:
     if name not in table:
         raise KeyError(f"unknown preset {name!r}; known presets: {sorted(table)}")
     return copy.deepcopy(table[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny random architectures for tests and quick benchmarks (official schema, small sizes)
+
+TINY_TEXT_WIDTH = 64  # their text_embed_dim: a 64-wide CLIP text tower
+
+
+def tiny_tokenizer_config(mode: str = "vq", tokens: int = 16, crop: int = 32) -> dict:
+    """A small-ViT tokenizer on crop x crop images with a 64-wide text guidance."""
+    vq = {"quantize_mode": mode, "token_size": 8 if mode == "vq" else 4, "vit_enc_model_size": "small",
+          "vit_dec_model_size": "small", "vit_enc_patch_size": 16, "vit_dec_patch_size": 16,
+          "num_latent_tokens": tokens, "finetune_decoder": False, "is_legacy": False, "text_embed_dim": TINY_TEXT_WIDTH}
+    if mode == "vq":
+        vq.update(codebook_size=64, use_l2_norm=False, commitment_cost=0.25, clustering_vq=False)
+    return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": crop}}}
+
+
+def tiny_generator_config(mode: str = "vq", tokens: int = 16) -> dict:
+    """A 2-block, 64-wide MaskGen over the matching tiny tokenizer."""
+    cfg = tiny_tokenizer_config(mode, tokens)
+    mg = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4, "micro_condition": True,
+          "micro_condition_embed_dim": 256, "text_drop_prob": 0.1, "sample_aesthetic_score": 6.5}
+    if mode == "vq":
+        mg.update(condition_num_classes=10, cfg=12.0, num_iter=8, temperature=2.0)
+    else:
+        cfg["model"]["vq_model"]["scale_factor"] = 0.7525
+        mg.update(cfg=3.0, cfg_schedule="linear", num_iter=6, temperature=1.0)
+        cfg["losses"] = {"diffloss_d": 2, "diffloss_w": 32, "num_sampling_steps": "10"}
+    cfg["model"]["maskgen"] = mg
+    return cfg

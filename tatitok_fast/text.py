@@ -268,6 +268,23 @@ class CLIPTextEncoder(nn.Module):
             self.to(device)
 
     @classmethod
+    def tiny(cls, seed: int = 0) -> "CLIPTextEncoder":
+        """A random CLIP with a 64-wide, 2-layer text tower (embed_dim 64) and the real
+        ViT-L-14-336 tokenizer: for tests and quick benchmarks with
+        tatitok_fast.presets' tiny configs. No download."""
+        import open_clip
+        from open_clip.model import CLIP
+
+        gen = torch.Generator().manual_seed(seed)
+        model = CLIP(embed_dim=64,
+                     vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+                     text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.05, generator=gen) if p.dim() > 1 else p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        return cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336"))
+
+    @classmethod
     def from_open_clip(cls, model: nn.Module, tokenizer: object) -> "CLIPTextEncoder":
         """Wrap an existing (CLIP, tokenizer) pair (not copied; frozen in place, visual kept)."""
         _check_model(model)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from tatitok_fast.ops import has_kernel
+from tatitok_fast.presets import tiny_generator_config, tiny_tokenizer_config  # noqa: F401
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -81,45 +82,8 @@ def write_parity_checkpoint(name: str, out_dir: Path, *, tied_once: bool = True)
 # ---------------------------------------------------------------------------------------
 # Tiny random models for end-to-end tests (no downloads)
 
-TEXT_WIDTH = 64  # text_embed_dim of the tiny configs below
-
 
 def tiny_text_encoder(seed: int = 0):
-    """A CLIPTextEncoder over a random open_clip CLIP with a 64-wide, 2-layer text tower and
-    the real ViT-L-14-336 tokenizer (its BPE ships with open_clip)."""
-    import open_clip
-    from open_clip.model import CLIP
-
     from tatitok_fast.text import CLIPTextEncoder
 
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim=TEXT_WIDTH,
-                 vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-                 text_cfg={"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 4, "layers": 2})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return CLIPTextEncoder.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336"))
-
-
-def tiny_tokenizer_config(mode: str = "vq", tokens: int = 16, crop: int = 32) -> dict:
-    vq = {"quantize_mode": mode, "token_size": 8 if mode == "vq" else 4, "vit_enc_model_size": "small",
-          "vit_dec_model_size": "small", "vit_enc_patch_size": 16, "vit_dec_patch_size": 16,
-          "num_latent_tokens": tokens, "finetune_decoder": False, "is_legacy": False, "text_embed_dim": TEXT_WIDTH}
-    if mode == "vq":
-        vq.update(codebook_size=64, use_l2_norm=False, commitment_cost=0.25, clustering_vq=False)
-    return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": crop}}}
-
-
-def tiny_generator_config(mode: str = "vq", tokens: int = 16) -> dict:
-    cfg = tiny_tokenizer_config(mode, tokens)
-    mg = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4, "micro_condition": True,
-          "micro_condition_embed_dim": 256, "text_drop_prob": 0.1, "sample_aesthetic_score": 6.5}
-    if mode == "vq":
-        mg.update(condition_num_classes=10, cfg=12.0, num_iter=8, temperature=2.0)
-    else:
-        cfg["model"]["vq_model"]["scale_factor"] = 0.7525
-        mg.update(cfg=3.0, cfg_schedule="linear", num_iter=6, temperature=1.0)
-        cfg["losses"] = {"diffloss_d": 2, "diffloss_w": 32, "num_sampling_steps": "10"}
-    cfg["model"]["maskgen"] = mg
-    return cfg
+    return CLIPTextEncoder.tiny(seed)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tatitok_fast.ops.mode import fused_enabled
+
 LinearFactory = Callable[..., nn.Module]
 _linear_factory: contextvars.ContextVar[LinearFactory] = contextvars.ContextVar("linear_factory", default=nn.Linear)
 
@@ -51,9 +53,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh) -> (B, Lq, H * Dh).
     FlashAttention on CUDA in fp16/bf16 when installed, else torch's SDPA (which itself
-    picks FlashAttention-2 / cuDNN / memory-efficient kernels on GPUs).
+    picks FlashAttention-2 / cuDNN / memory-efficient kernels on GPUs); in reference_mode()
+    the textbook softmax(q k^T / sqrt(d)) v.
     """
     b, h, lq, dh = q.shape
+    if not fused_enabled():
+        w = torch.softmax((q @ k.transpose(-2, -1)) * dh ** -0.5, dim=-1)
+        return (w @ v).transpose(1, 2).reshape(b, lq, h * dh)
     if (_flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and dh <= 256 and not torch.jit.is_scripting()):
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, L, H, Dh)

@@ -348,7 +348,7 @@ class MaskGen_VQ(PretrainedModel):
             kw = dict(softmax_temperature=s.softmax_temperature, sample_temperature=s.gumbel_temperature,
                       confidence_temperature=s.confidence_temperature, last_step=s.last, uncond_logits=uncond,
                       guidance_scale=s.guidance_scale)
-            if ops.has_kernel("maskgen_unmask_step", ids.device):
+            if ops.use_fused("maskgen_unmask_step", ids.device):
                 ids = ops.maskgen_unmask_step(cond, ids, self.mask_token_id, s.mask_len, sample_noise=g,
                                               confidence_noise=g2, generator=generator, **kw)
             else:  # no kernel for this device: the reference sequence
@@ -629,7 +629,7 @@ class MaskGen_KL(PretrainedModel):
 # Shared helpers
 
 def _mask_by_order(orders, mask, mask_len, last_step):
-    if ops.has_kernel("mask_by_order", orders.device):
+    if ops.use_fused("mask_by_order", orders.device):
         return ops.mask_by_order(orders, mask, mask_len, last_step)
     return mask_by_order_ref(orders, mask, mask_len, last_step)
 

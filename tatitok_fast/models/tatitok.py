@@ -224,7 +224,7 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("embed_prob", torch.zeros(codebook_size))
 
     def nearest(self, flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        if ops.has_kernel("vq_nearest_code", flat.device):
+        if ops.use_fused("vq_nearest_code", flat.device):
             return ops.vq_nearest_code(flat, codebook, self.use_l2_norm)[0]
         return vq_nearest_code_ref(flat, codebook, self.use_l2_norm)[0]
 
@@ -311,7 +311,7 @@ class DiagonalGaussianDistribution:
 
 
 def _kl_sample(parameters, deterministic, generator=None):
-    if ops.has_kernel("kl_sample", parameters.device):
+    if ops.use_fused("kl_sample", parameters.device):
         return ops.kl_sample(parameters, None, deterministic, generator)
     return kl_sample_ref(parameters, None, deterministic)
 

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from tatitok_fast.ops._library import has_kernel, require_kernel
+from tatitok_fast.ops.mode import fused_enabled, reference_mode
 from tatitok_fast.ops.triton import gated_residual, layernorm_modulate
 
 __all__ = [
@@ -18,7 +19,15 @@ __all__ = [
     "layernorm_modulate",
     "gated_residual",
     "has_kernel",
+    "use_fused",
+    "reference_mode",
 ]
+
+
+def use_fused(op: str, device: torch.device | str) -> bool:
+    """Whether models should call `op`'s native kernel on `device` (it exists, and we are not
+    in reference_mode())."""
+    return fused_enabled() and has_kernel(op, device)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

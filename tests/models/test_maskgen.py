@@ -275,3 +275,21 @@ def test_kl_bad_inputs(kl_model, text_encoder):
         kl_model.sample_tokens(1, captions=["a"], cfg_schedule="cosine", text_encoder=text_encoder)
     with pytest.raises(ValueError, match=r"imgs: expected posterior parameters \(B, 8, 1, 16\)"):
         kl_model(torch.randn(2, 4, 1, 16), torch.randn(2, 77, 64), torch.randn(2, 1, 64), torch.ones(2))
+
+
+def test_fused_and_reference_paths_agree(vq_model, text_encoder):
+    from tatitok_fast.ops import reference_mode
+
+    ids = torch.randint(0, 65, (2, 16))
+    cond, pooled, aes = torch.randn(2, 77, 64), torch.randn(2, 1, 64), torch.full((2,), 6.0)
+    with torch.no_grad():
+        fused = vq_model(ids, cond, pooled, aes)[0]
+        with reference_mode():
+            ref = vq_model(ids, cond, pooled, aes)[0]
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(4)
+    a = vq_model.generate(["a", "b"], text_encoder=text_encoder, num_sample_steps=4, noise="torch")
+    torch.manual_seed(4)
+    with reference_mode():
+        b = vq_model.generate(["a", "b"], text_encoder=text_encoder, num_sample_steps=4, noise="torch")
+    assert torch.equal(a, b)

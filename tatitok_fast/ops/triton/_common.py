@@ -18,8 +18,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
-    """The models' choice: Triton for CUDA tensors."""
-    return HAS_TRITON and x.is_cuda
+    """The models' choice: Triton for CUDA tensors, unless in reference_mode()."""
+    from tatitok_fast.ops.mode import fused_enabled
+
+    return HAS_TRITON and x.is_cuda and fused_enabled()
 
 
 def check_triton_runnable(x: torch.Tensor) -> None:

@@ -1,0 +1,81 @@
+"""Options and loaders shared by the model commands (reconstruct, tokenize, generate)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as `tatitok-fast: error: ...`, exit status 1."""
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="model precision (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
+    parser.add_argument("--local-files-only", action="store_true", help="never touch the network")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip-model", default="ViT-L-14-336", help="open_clip text tower (default: ViT-L-14-336)")
+    parser.add_argument("--clip-pretrained", default="openai",
+                        help="open_clip pretrained tag or a local weights file (default: openai)")
+
+
+def runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device/--dtype -> (device, dtype), checked before anything is loaded."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise CommandError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise CommandError("--dtype fp16: not supported on CPU (use fp32 or bf16)")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CommandError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support (use fp16)")
+    if getattr(args, "batch_size", 1) < 1:
+        raise CommandError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    return device, dtype
+
+
+def load_tokenizer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from tatitok_fast import TATiTok
+    from tatitok_fast.checkpoint import CheckpointError
+
+    try:
+        model = TATiTok.from_pretrained(args.tokenizer, cache_dir=args.cache_dir,
+                                        local_files_only=args.local_files_only)
+    except (CheckpointError, KeyError, ValueError, NotImplementedError) as exc:
+        raise CommandError(f"--tokenizer {args.tokenizer}: {exc}") from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_text_encoder(args: argparse.Namespace, device: torch.device):
+    from tatitok_fast.text import CLIPTextEncoder
+
+    pretrained = None if args.clip_pretrained in ("none", "") else args.clip_pretrained
+    try:
+        return CLIPTextEncoder(args.clip_model, pretrained, cache_dir=args.cache_dir, device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise CommandError(f"--clip-model {args.clip_model} --clip-pretrained {args.clip_pretrained}: {exc}") from None
+
+
+def run_command(func):
+    """Wrap a command so CommandError prints one clear line and returns exit status 1."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args) or 0)
+        except CommandError as exc:
+            print(f"tatitok-fast: error: {exc}", file=sys.stderr)
+            return 1
+    return wrapped
