@@ -1,6 +1,12 @@
 """tatitok_fast: TA-TiTok tokenizers and MaskGen generators, loading the official checkpoints
-unchanged, on fused C++/CUDA/Triton kernels."""
-from tatitok_fast.models.tatitok import TATiTok
+unchanged, on fused C++/CUDA/Triton kernels.
 
-__all__ = ["TATiTok"]
+    from tatitok_fast import TATiTok, MaskGen_VQ, MaskGen_KL
+    from tatitok_fast.text import CLIPTextEncoder
+"""
+from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+from tatitok_fast.models.tatitok import TATiTok
+from tatitok_fast.pipeline import TextToImage, check_compatible
+
+__all__ = ["TATiTok", "MaskGen_VQ", "MaskGen_KL", "TextToImage", "check_compatible"]
 __version__ = "0.1.0"

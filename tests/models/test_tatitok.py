@@ -136,3 +136,92 @@ def test_bad_inputs(kl_parity):
         cfg = json.loads(json.dumps(model.config))
         cfg["model"]["vq_model"]["quantize_mode"] = "fsq"
         TATiTok(cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Fast path properties on a tiny tokenizer
+
+@pytest.fixture(scope="module")
+def tiny_vq():
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    torch.manual_seed(0)
+    return TATiTok(tiny_tokenizer_config("vq")).eval()
+
+
+def test_compile_fullgraph_no_graph_breaks(tiny_vq):
+    x, guidance = torch.rand(2, 3, 32, 32), torch.randn(2, 77, 64)
+
+    def enc(x):
+        return tiny_vq.encode(x)[1]["min_encoding_indices"]
+
+    def dec(ids, g):
+        return tiny_vq.decode_tokens(ids, g)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ids = enc(x)
+        assert torch.equal(torch.compile(enc, fullgraph=True, backend="aot_eager")(x), ids)
+        torch.testing.assert_close(torch.compile(dec, fullgraph=True, backend="aot_eager")(ids, guidance),
+                                   dec(ids, guidance), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_matches_fp32(tiny_vq):
+    x, guidance = torch.rand(2, 3, 32, 32), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        z32, _ = tiny_vq.encode(x)
+        ref = tiny_vq.decode(z32, guidance)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16, res = tiny_vq.encode(x)
+            out = tiny_vq.decode(z16, guidance)
+    assert z16.dtype == torch.float32  # the quantizer runs in fp32 under autocast, as the reference
+    assert _rel_err(out.float(), ref) < 3e-2
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_vq):
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    x, guidance = torch.rand(2, 3, 32, 32), torch.randn(2, 77, 64)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = TATiTok(tiny_tokenizer_config("vq")).train()
+        model.set_grad_checkpointing(ckpt)
+        out, res = model(x, guidance)
+        ((out - x) ** 2).mean().add(res["quantizer_loss"]).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_training_losses_have_gradients():
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    model = TATiTok(tiny_tokenizer_config("vae")).train()
+    out, posterior = model(torch.rand(2, 3, 32, 32), torch.randn(2, 77, 64))
+    assert posterior.kl().shape == (2, 16)
+    (out.mean() + posterior.kl().mean()).backward()
+    assert model.encoder.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_clustering_vq_refresh_follows_the_reference_formula():
+    from tatitok_fast.models.tatitok import VectorQuantizer
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 4, clustering_vq=True).train()
+    before = q.embedding.weight.detach().clone()
+    z = torch.randn(2, 4, 1, 8) * 3
+    _, res = q(z)
+    # the reference: EMA of one-hot usage, then every code moves toward its closest batch
+    # feature with decay exp(-usage * K * 10 / (1 - 0.99) - 1e-3)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    usage = torch.bincount(res["min_encoding_indices"].flatten(), minlength=16).float() / 16
+    prob = 0.01 * usage
+    torch.testing.assert_close(q.embed_prob, prob)
+    d = flat.pow(2).sum(1, keepdim=True) + before.pow(2).sum(1) - 2 * flat @ before.T
+    feat = flat[d.argmin(0)]
+    decay = torch.exp(-(prob * 16 * 10) / 0.01 - 1e-3).unsqueeze(1)
+    torch.testing.assert_close(q.embedding.weight.detach(), before * (1 - decay) + feat * decay)
+    unused = usage == 0
+    assert bool(unused.any()) and bool(((q.embedding.weight - before).norm(dim=1)[unused] > 0).all())

@@ -1,0 +1,379 @@
+"""The one benchmark harness: timing, peak extra memory, provenance and result rendering.
+
+Every suite (ops now; tokenizer and generation later) times its callables with `measure`,
+records one `Measurement` per (case, implementation) and hands a `Report` to the CLI, which
+prints it as a text table and writes markdown / JSON on request.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils.benchmark as tbench
+
+IMPLS = ("tatitok_fast", "reference")
+_MIB = float(1 << 20)
+
+
+# ---------------------------------------------------------------------------------------
+# Result rows
+
+@dataclass
+class Measurement:
+    """One timed (case, implementation) pair. Times in milliseconds, memory in MiB.
+
+    `speedup` is reference median / this median (set on the tatitok_fast row of a pair);
+    the throughput fields are filled where the suite knows the work done: `gbps` (bytes
+    read + written per second), `pct_of_peak` (gbps as % of a device-to-device copy measured
+    in the same run), `tflops`, `items_per_s` (the suite says what an item is).
+    """
+
+    suite: str
+    case: str
+    impl: str
+    device: str
+    dtype: str
+    shapes: str
+    median_ms: float
+    iqr_ms: float
+    peak_extra_mb: float | None
+    variant: str = ""
+    speedup: float | None = None
+    gbps: float | None = None
+    pct_of_peak: float | None = None
+    tflops: float | None = None
+    items_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl: expected one of {IMPLS}, got {self.impl!r}")
+
+
+@dataclass
+class Timing:
+    """What `measure` returns: median and interquartile range of one call (ms), the number
+    of calls timed, and the peak extra memory of one call (bytes; None when not measured)."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    peak_extra_bytes: int | None
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+
+def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> tuple[float, float, int]:
+    """torch.utils.benchmark's blocked_autorange with torch's current intra-op thread count:
+    blocks of calls until `min_run_time` seconds; median and IQR over the blocks' per-call
+    times."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3, m.iqr * 1e3, m.number_per_run * len(m.times)
+
+
+def _time_cuda(fn: Callable[[], Any], device: torch.device, min_run_time: float,
+               flush_l2: bool) -> tuple[float, float, int]:
+    """CUDA events around every call, after a warmup of ~min_run_time/4. Each call gets its
+    own event pair, so the median and IQR are over calls; with `flush_l2` a 256 MiB buffer
+    is zeroed before every call (outside the events) so that inputs come from HBM, not L2."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if flush_l2 else None
+    fn()
+    torch.cuda.synchronize(device)
+    # estimate one call's time to pick the warmup and timed iteration counts
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    est_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(250 * min_run_time / est_ms))):
+        fn()
+    n = min(10_000, max(10, int(1e3 * min_run_time / est_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    q = statistics.quantiles(times, n=4)
+    return statistics.median(times), q[2] - q[0], n
+
+
+# ---------------------------------------------------------------------------------------
+# Peak extra memory
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: kineto prints start/stop lines there that are
+    not Python output (so redirecting sys.stderr would not catch them)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_extra_cpu(fn: Callable[[], Any]) -> int:
+    """Peak of (bytes allocated - bytes freed) during one call, from the profiler's memory
+    events: torch.profiler with profile_memory=True records one event per allocation (+n)
+    and free (-n) made through c10's CPU allocator, on any thread; the running sum in time
+    order, maximised, is the peak extra memory. The call's result is kept alive until the
+    profiler stops, so returned tensors count. Memory taken outside c10's allocator (raw
+    malloc in a kernel) is not seen; the native kernels allocate through at::empty."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep kineto's own logging quiet
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
+        out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    del out
+    # The kineto events are where every allocation shows up (EventList folds allocations
+    # made inside an op into that op's row).
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def _peak_extra_cuda(fn: Callable[[], Any], device: torch.device) -> int:
+    """max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before the
+    call (the caching allocator's own counters; the result is kept alive until read)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return max(0, peak)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:
+    """Bytes one call of `fn` allocates beyond what existed before it, at its peak
+    (temporaries and returned tensors). See _peak_extra_cpu / _peak_extra_cuda for how."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _peak_extra_cuda(fn, device)
+    if device.type == "cpu":
+        return _peak_extra_cpu(fn)
+    raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+
+
+def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: float = 1.0,
+            memory: bool = True, flush_l2: bool = True) -> Timing:
+    """Time `fn()` (no arguments; inputs captured in its closure) and measure its peak extra
+    memory.
+
+    CPU: torch.utils.benchmark.Timer.blocked_autorange, threads = torch.get_num_threads(),
+    for at least min_run_time and about 5 calls (capped at 10 * min_run_time).
+    CUDA: per-call CUDA events after a warmup, synchronised before reading; L2 flushed
+    between calls when `flush_l2`. One untimed call comes first either way (lazy init).
+
+    Args:
+        device: where fn's tensors live ("cpu", "cuda", "cuda:1", ...).
+        min_run_time: seconds spent in timed calls (roughly, on CUDA).
+        memory: also measure the peak extra memory of one call (profiler on CPU, the
+            caching allocator's peak counter on CUDA).
+    """
+    device = torch.device(device)
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time: expected > 0 seconds, got {min_run_time}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device: {device} requested but CUDA is not available")
+        median, iqr, runs = _time_cuda(fn, device, min_run_time, flush_l2)
+    elif device.type == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        # slow calls: run long enough for ~5 of them, so that the median and IQR mean something
+        median, iqr, runs = _time_cpu(fn, min(max(min_run_time, 5 * (time.perf_counter() - t0)), 10 * min_run_time))
+    else:
+        raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+    peak = peak_extra_bytes(fn, device) if memory else None
+    return Timing(median_ms=median, iqr_ms=iqr, runs=runs, peak_extra_bytes=peak)
+
+
+def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30, min_run_time: float = 0.5) -> float:
+    """A practical peak memory bandwidth (GB/s): a device-to-device copy of `nbytes`,
+    counting bytes read + written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device=device, min_run_time=min_run_time, memory=False, flush_l2=False)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def to_mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / _MIB
+
+
+# ---------------------------------------------------------------------------------------
+# Provenance
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tatitok_fast")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
+
+
+def commit_id(path: str | Path | None = None) -> str:
+    """`git rev-parse --short HEAD` of the checkout holding `path` (default: this package),
+    with "-dirty" when the work tree differs from HEAD: modified tracked files or new files
+    git does not ignore (new sources change what runs, so they count too); the package
+    version when not inside a git checkout or git is missing."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: never refresh the index
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return package_version()
+    return head + ("-dirty" if status.strip() else "") if head else package_version()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} logical cores)"
+
+
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none). Other work on the machine skews
+    CPU timings; suites record it at the start and end of a run so a loaded run shows."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def run_header(devices: list[str]) -> dict[str, Any]:
+    """Provenance written above every table and into every JSON file."""
+    return {
+        "commit": commit_id(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device_names": {d: device_name(d) for d in devices},
+        "cpu_threads": torch.get_num_threads(),
+        "load_avg_1m": load_average(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+
+# (title, Measurement attribute, format); None values render as "-"
+_COLUMNS: list[tuple[str, str, str]] = [
+    ("case", "case", "{}"),
+    ("variant", "variant", "{}"),
+    ("impl", "impl", "{}"),
+    ("device", "device", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("shapes", "shapes", "{}"),
+    ("median ms", "median_ms", "{:.4g}"),
+    ("IQR ms", "iqr_ms", "{:.2g}"),
+    ("peak extra MiB", "peak_extra_mb", "{:.4g}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("GB/s", "gbps", "{:.1f}"),
+    ("% peak", "pct_of_peak", "{:.0f}%"),
+    ("TFLOP/s", "tflops", "{:.3g}"),
+    ("items/s", "items_per_s", "{:.3g}"),
+]
+
+
+@dataclass
+class Report:
+    """A suite's results: provenance header, rows, and notes (skipped cases and why)."""
+
+    header: dict[str, Any]
+    rows: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def _columns(self) -> list[tuple[str, str, str]]:
+        # throughput columns only when some row has them
+        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s"}
+        return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) is not None for r in self.rows)]
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        cols = self._columns()
+        cells = [[("-" if getattr(r, a) is None else f.format(getattr(r, a))) for _, a, f in cols] for r in self.rows]
+        return [t for t, _, _ in cols], cells
+
+    def _header_lines(self) -> list[str]:
+        h = self.header
+        names = "; ".join(f"{d}: {n}" for d, n in h.get("device_names", {}).items())
+        return [f"commit {h.get('commit')} | torch {h.get('torch')} | {names} | "
+                f"CPU threads {h.get('cpu_threads')} | load {h.get('load_avg_1m')}"
+                + (f" -> {h['load_avg_1m_end']}" if "load_avg_1m_end" in h else "") + f" | {h.get('date')}"]
+
+    def text(self) -> str:
+        """Fixed-width table, provenance line above, notes below."""
+        titles, cells = self._cells()
+        widths = [max([len(t)] + [len(row[i]) for row in cells]) for i, t in enumerate(titles)]
+        line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+        out = self._header_lines() + [line(titles), line(["-" * w for w in widths])] + [line(r) for r in cells]
+        if not self.rows:
+            out.append("(no case ran on the chosen devices)")
+        return "\n".join(out + [f"note: {n}" for n in self.notes])
+
+    def markdown(self) -> str:
+        """GitHub markdown table with the provenance line and notes."""
+        titles, cells = self._cells()
+        out = [f"_{self._header_lines()[0]}_", "", "| " + " | ".join(titles) + " |",
+               "|" + "|".join("---" for _ in titles) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in cells]
+        if self.notes:
+            out += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        """{"header": {...}, "rows": [one dict per Measurement, with the commit], "notes": [...]}"""
+        commit = self.header.get("commit")
+        return {"header": dict(self.header),
+                "rows": [{**dataclasses.asdict(r), "commit": commit} for r in self.rows],
+                "notes": list(self.notes)}
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def write_markdown(self, path: str | Path) -> None:
+        Path(path).write_text(self.markdown() + "\n")
