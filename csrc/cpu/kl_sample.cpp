@@ -1,18 +1,48 @@
 // CPU kernels of kl_sample / kl_sample_backward: the reference DiagonalGaussianDistribution
 // (split on dim 1, logvar clamped to [-30, 20], std = exp(logvar/2), sample = mean + std*eps,
-// kl = 0.5 * sum_{C,H}(mean^2 + var - 1 - logvar)) in one pass, one task per (b, w) column.
+// kl = 0.5 * sum_{C,H}(mean^2 + var - 1 - logvar)) in one pass over memory, one task per image.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
-#include "cpu/cpu_rng.h"
+#include "cpu/cpu_vec.h"
 #include "op_checks.h"
 #include "ops.h"
-#include "philox.h"
 
 namespace tatitok_fast {
+namespace {
+
+// One image: `rows` rows of W elements; kl_row (W,) gets 0.5 * the sum over rows.
+TF_MULTIVERSION
+void kl_image(const float* __restrict__ mu, const float* __restrict__ lv_in, const float* __restrict__ eps,
+              int64_t rows, int64_t W, bool deterministic,
+              float* __restrict__ sample, float* __restrict__ mean, float* __restrict__ std_out,
+              float* __restrict__ kl_row) {
+  for (int64_t i = 0; i < rows * W; ++i) mean[i] = mu[i];
+  if (deterministic) {
+    for (int64_t i = 0; i < rows * W; ++i) {
+      sample[i] = mu[i];
+      std_out[i] = 0.f;
+    }
+    return;  // kl stays 0
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * W;
+    for (int64_t w = 0; w < W; ++w) {
+      float lv = lv_in[o + w];
+      lv = lv < -30.f ? -30.f : (lv > 20.f ? 20.f : lv);
+      const float sdev = exp_vec(0.5f * lv);
+      std_out[o + w] = sdev;
+      sample[o + w] = mu[o + w] + sdev * eps[o + w];
+      kl_row[w] += mu[o + w] * mu[o + w] + sdev * sdev - 1.0f - lv;  // var = std^2
+    }
+  }
+  for (int64_t w = 0; w < W; ++w) kl_row[w] *= 0.5f;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cpu(const at::Tensor& parameters,
                                                                          const std::optional<at::Tensor>& noise,
@@ -24,57 +54,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cpu(const a
   auto sample = at::empty({B, C, H, W}, f32);
   auto mean = at::empty({B, C, H, W}, f32);
   auto std_out = at::empty({B, C, H, W}, f32);
-  auto kl = at::empty({B, W}, f32);
-  if (sample.numel() == 0) {
-    kl.zero_();
-    return {sample, mean, std_out, kl};
+  auto kl = at::zeros({B, W}, f32);
+  if (sample.numel() == 0) return {sample, mean, std_out, kl};
+  const at::Tensor params = parameters.to(at::kFloat).contiguous();
+  // In-kernel noise on CPU comes from torch's own vectorised normal sampler (the CPU
+  // generator's stream, so torch.manual_seed / `generator` apply); the pass below is fused.
+  at::Tensor eps_t;
+  if (noise.has_value()) {
+    eps_t = noise->contiguous();
+  } else if (!deterministic) {
+    eps_t = at::empty({B, C, H, W}, f32);
+    eps_t.normal_(0.0, 1.0, generator);
   }
-  const at::Tensor params = parameters.contiguous();
-  at::Tensor noise_c;
-  if (noise.has_value()) noise_c = noise->contiguous();
-  const bool own_noise = !deterministic && !noise.has_value();
-  const uint64_t seed = own_noise ? draw_cpu_philox_seed(generator) : 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "kl_sample_cpu", [&] {
-    const scalar_t* p = params.data_ptr<scalar_t>();
-    const float* eps_in = noise.has_value() ? noise_c.data_ptr<float>() : nullptr;
-    float* s = sample.data_ptr<float>();
-    float* m = mean.data_ptr<float>();
-    float* sd = std_out.data_ptr<float>();
-    float* k = kl.data_ptr<float>();
-    at::parallel_for(0, B * W, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t col = begin; col < end; ++col) {
-        const int64_t b = col / W, w = col % W;
-        float acc = 0.f;
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t h = 0; h < H; ++h) {
-            const int64_t out = ((b * C + c) * H + h) * W + w;  // index in (B, C, H, W)
-            const float mu = static_cast<float>(p[((b * 2 * C + c) * H + h) * W + w]);
-            float lv = static_cast<float>(p[((b * 2 * C + C + c) * H + h) * W + w]);
-            lv = std::fmin(std::fmax(lv, -30.f), 20.f);
-            m[out] = mu;
-            if (deterministic) {
-              s[out] = mu;
-              sd[out] = 0.f;
-              continue;
-            }
-            const float sdev = std::exp(0.5f * lv);
-            const float var = std::exp(lv);
-            float eps;
-            if (eps_in != nullptr) {
-              eps = eps_in[out];
-            } else {
-              const Philox4 r = philox4x32_10(seed, 0, static_cast<uint64_t>(out));
-              eps = normal_from_uniforms(uniform01(r.x[0]), uniform01(r.x[1]));
-            }
-            sd[out] = sdev;
-            s[out] = mu + sdev * eps;
-            acc += mu * mu + var - 1.0f - lv;
-          }
-        }
-        k[col] = deterministic ? 0.f : 0.5f * acc;
-      }
-    });
+  const float* p = params.data_ptr<float>();
+  const float* eps = eps_t.defined() ? eps_t.data_ptr<float>() : nullptr;
+  float* s = sample.data_ptr<float>();
+  float* m = mean.data_ptr<float>();
+  float* sd = std_out.data_ptr<float>();
+  float* k = kl.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t rows = C * H;  // rows of W contiguous elements; mean rows, then logvar rows
+      kl_image(p + b * 2 * rows * W, p + (b * 2 * rows + rows) * W, eps ? eps + b * rows * W : nullptr, rows, W,
+               deterministic, s + b * rows * W, m + b * rows * W, sd + b * rows * W, k + b * W);
+    }
   });
   return {sample, mean, std_out, kl};
 }

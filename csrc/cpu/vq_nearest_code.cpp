@@ -13,14 +13,10 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/cpu_vec.h"
 #include "op_checks.h"
 #include "ops.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TF_MULTIVERSION
-#endif
 
 namespace tatitok_fast {
 namespace {
