@@ -7,11 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TF_HD __host__ __device__ __forceinline__
-#else
-#define TF_HD inline
-#endif
+#include "host_device.h"
 
 namespace tatitok_fast {
 

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "cpu/cpu_vec.h"
+#include "kl_math.h"
 #include "op_checks.h"
 #include "ops.h"
 
@@ -97,40 +98,13 @@ at::Tensor kl_sample_backward_cpu(const std::optional<at::Tensor>& grad_sample,
     return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
   };
   const at::Tensor gs = opt(grad_sample), gm = opt(grad_mean), gsd = opt(grad_std), gk = opt(grad_kl);
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const KLGrads g{ptr(gs), ptr(gm), ptr(gsd), ptr(gk)};
   const float* p = params.data_ptr<float>();
   const float* sp = smp.data_ptr<float>();
-  const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
-  const float* gmp = gm.defined() ? gm.data_ptr<float>() : nullptr;
-  const float* gsdp = gsd.defined() ? gsd.data_ptr<float>() : nullptr;
-  const float* gkp = gk.defined() ? gk.data_ptr<float>() : nullptr;
-  float* g = grad.data_ptr<float>();
+  float* out = grad.data_ptr<float>();
   at::parallel_for(0, B * W, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t col = begin; col < end; ++col) {
-      const int64_t b = col / W, w = col % W;
-      const float gkl = (gkp != nullptr && !deterministic) ? gkp[col] : 0.f;
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t out = ((b * C + c) * H + h) * W + w;
-          const int64_t im = ((b * 2 * C + c) * H + h) * W + w;
-          const int64_t il = ((b * 2 * C + C + c) * H + h) * W + w;
-          const float mu = p[im], lv_raw = p[il];
-          float dmu = (gsp ? gsp[out] : 0.f) + (gmp ? gmp[out] : 0.f);
-          float dlv = 0.f;
-          if (!deterministic) {
-            const float lv = std::fmin(std::fmax(lv_raw, -30.f), 20.f);
-            const float sdev = std::exp(0.5f * lv);
-            dmu += gkl * mu;
-            // d sample / d logvar = 0.5 * std * eps = 0.5 * (sample - mean)
-            if (gsp) dlv += gsp[out] * 0.5f * (sp[out] - mu);
-            if (gsdp) dlv += gsdp[out] * 0.5f * sdev;
-            dlv += gkl * 0.5f * (std::exp(lv) - 1.0f);
-            if (lv_raw < -30.f || lv_raw > 20.f) dlv = 0.f;  // clamp passes gradient only inside
-          }
-          g[im] = dmu;
-          g[il] = dlv;
-        }
-      }
-    }
+    for (int64_t col = begin; col < end; ++col) kl_backward_column(p, sp, g, col / W, col % W, C, H, W, deterministic, out);
   });
   return grad.to(parameters.scalar_type());
 }

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 
 #include "cuda/cuda_utils.cuh"
+#include "kl_math.h"
 #include "op_checks.h"
 #include "ops.h"
 #include "philox.h"
@@ -52,35 +53,10 @@ __global__ void kl_sample_kernel(const scalar_t* __restrict__ p, const float* __
   kl[col] = deterministic ? 0.f : 0.5f * acc;
 }
 
-__global__ void kl_backward_kernel(const float* __restrict__ p, const float* __restrict__ smp,
-                                   const float* __restrict__ gs, const float* __restrict__ gm,
-                                   const float* __restrict__ gsd, const float* __restrict__ gk, int64_t B, int64_t C,
-                                   int64_t H, int64_t W, bool deterministic, float* __restrict__ g) {
+__global__ void kl_backward_kernel(const float* __restrict__ p, const float* __restrict__ smp, KLGrads g, int64_t B,
+                                   int64_t C, int64_t H, int64_t W, bool deterministic, float* __restrict__ grad) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= B * W) return;
-  const int64_t b = col / W, w = col % W;
-  const float gkl = (gk != nullptr && !deterministic) ? gk[col] : 0.f;
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t out = ((b * C + c) * H + h) * W + w;
-      const int64_t im = ((b * 2 * C + c) * H + h) * W + w;
-      const int64_t il = ((b * 2 * C + C + c) * H + h) * W + w;
-      const float mu = p[im], lv_raw = p[il];
-      float dmu = (gs ? gs[out] : 0.f) + (gm ? gm[out] : 0.f);
-      float dlv = 0.f;
-      if (!deterministic) {
-        const float lv = fminf(fmaxf(lv_raw, -30.f), 20.f);
-        const float sdev = expf(0.5f * lv);
-        dmu += gkl * mu;
-        if (gs) dlv += gs[out] * 0.5f * (smp[out] - mu);  // 0.5 * std * eps
-        if (gsd) dlv += gsd[out] * 0.5f * sdev;
-        dlv += gkl * 0.5f * (expf(lv) - 1.0f);
-        if (lv_raw < -30.f || lv_raw > 20.f) dlv = 0.f;
-      }
-      g[im] = dmu;
-      g[il] = dlv;
-    }
-  }
+  if (col < B * W) kl_backward_column(p, smp, g, col / W, col % W, C, H, W, deterministic, grad);
 }
 
 }  // namespace
@@ -133,7 +109,7 @@ at::Tensor kl_sample_backward_cuda(const std::optional<at::Tensor>& grad_sample,
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   constexpr int kThreads = 128;
   kl_backward_kernel<<<num_blocks(B * W, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      params.data_ptr<float>(), smp.data_ptr<float>(), ptr(gs), ptr(gm), ptr(gsd), ptr(gk), B, C, H, W,
+      params.data_ptr<float>(), smp.data_ptr<float>(), KLGrads{ptr(gs), ptr(gm), ptr(gsd), ptr(gk)}, B, C, H, W,
       deterministic, grad.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad.to(parameters.scalar_type());

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tatitok_fast import ops
-from tatitok_fast.checkpoint import as_config_dict, cfg_get
+from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.diffloss import DiffLoss
 from tatitok_fast.models.layers import Linear
 from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
@@ -189,7 +189,35 @@ class VQStep:
     last: bool
 
 
-class MaskGen_VQ(PretrainedModel):
+class _MaskGenBase(PretrainedModel):
+    """What both generators share: the text conditioning settings, caption dropout for
+    training, and the CUDA-graph cache."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        vq, mg = self.config["model"]["vq_model"], self.config["model"]["maskgen"]
+        self.text_embed_dim = vq.get("text_embed_dim", 768)
+        self.micro_condition = mg.get("micro_condition", False)
+        self.micro_condition_embed_dim = mg.get("micro_condition_embed_dim", 256)
+        self.sample_aesthetic_score = mg.get("sample_aesthetic_score", 6.0)
+        self.text_drop_prob = mg.get("text_drop_prob", 0.1)
+        self._graphs = _GraphRunner()
+
+    @property
+    def pooled_input_dim(self) -> int:
+        """Width of the pooled condition: CLIP's pooled embedding [+ the aesthetic code]."""
+        return self.text_embed_dim + (self.micro_condition_embed_dim if self.micro_condition else 0)
+
+    def preprocess_condition(self, captions, text_encoder=None, clip_tokenizer=None, clip_encoder=None,
+                             generator: torch.Generator | None = None):
+        """Training conditions: CLIP states, each caption replaced by "" with p=text_drop_prob."""
+        captions = _check_captions(captions)
+        cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
+        drop = (torch.rand(len(captions), 1, 1, generator=generator) < self.text_drop_prob).to(cond)
+        return cond * (1 - drop) + null_c * drop, pooled * (1 - drop) + null_p * drop
+
+
+class MaskGen_VQ(_MaskGenBase):
     """MaskGen with discrete tokens: MM-DiT + tied LM head over the TA-TiTok codebook.
 
     Token space: [0, K) image codes, K the mask token, then condition_num_classes class ids
@@ -201,27 +229,18 @@ class MaskGen_VQ(PretrainedModel):
     tied_weights = {"lm_head.weight": "embeddings.weight"}
 
     def __init__(self, config: Mapping[str, Any]):
-        super().__init__()
-        config = as_config_dict(config)
-        self.validate_config(config)
-        self.config = config
-        vq, mg = config["model"]["vq_model"], config["model"]["maskgen"]
+        super().__init__(config)
+        vq, mg = self.config["model"]["vq_model"], self.config["model"]["maskgen"]
         self.image_seq_len = vq["num_latent_tokens"]
         self.target_codebook_size = vq["codebook_size"]
         self.condition_num_classes = mg.get("condition_num_classes", 1000)
         dim, depth, heads = mg["decoder_embed_dim"], mg["decoder_depth"], mg["decoder_num_heads"]
-        self.text_embed_dim = vq.get("text_embed_dim", 768)
-        self.micro_condition = mg.get("micro_condition", False)
-        self.micro_condition_embed_dim = mg.get("micro_condition_embed_dim", 256)
-        self.sample_aesthetic_score = mg.get("sample_aesthetic_score", 6.0)
-        self.text_drop_prob = mg.get("text_drop_prob", 0.1)
         self.mask_schedule_strategy = mg.get("mask_schedule_strategy", "arccos")
         self.mask_token_id = self.target_codebook_size
         self.none_condition_id = self.condition_num_classes + self.target_codebook_size + 1
 
         self.text_embed_proj = Linear(self.text_embed_dim, dim)
-        pooled_in = self.text_embed_dim + (self.micro_condition_embed_dim if self.micro_condition else 0)
-        self.cond_pooled_proj = Linear(pooled_in, dim)
+        self.cond_pooled_proj = Linear(self.pooled_input_dim, dim)
         self.blocks = MMDiT(dim, depth, heads)
         self.norm = AdaLayerNormContinuous(dim, dim)
         self.embeddings = nn.Embedding(self.target_codebook_size + 1 + self.condition_num_classes + 1, dim)
@@ -229,7 +248,6 @@ class MaskGen_VQ(PretrainedModel):
         if not mg.get("weight_tying", True):
             raise NotImplementedError("config: model.maskgen.weight_tying=False has no official checkpoint")
         self.lm_head = TiedLMHead(self.embeddings, self.target_codebook_size)
-        self._graphs = _GraphRunner()
         self.initialize_weights()
 
     @classmethod
@@ -294,14 +312,6 @@ class MaskGen_VQ(PretrainedModel):
             input_ids, masks = input_tokens, None
         context, temb = self.project_conditions(condition, condition_pooled, aesthetic_score)
         return self.logits(input_ids, context, temb), masks
-
-    def preprocess_condition(self, captions, text_encoder=None, clip_tokenizer=None, clip_encoder=None,
-                             generator: torch.Generator | None = None):
-        """Training conditions: CLIP states with each caption replaced by "" with p=text_drop_prob."""
-        captions = _check_captions(captions)
-        cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
-        drop = (torch.rand(len(captions), 1, 1, generator=generator) < self.text_drop_prob).to(cond)
-        return cond * (1 - drop) + null_c * drop, pooled * (1 - drop) + null_p * drop
 
     # ---- sampling ----
     def sampling_schedule(self, num_sample_steps: int, guidance_scale: float, randomize_temperature: float,
@@ -417,7 +427,7 @@ class KLStep:
     last: bool
 
 
-class MaskGen_KL(PretrainedModel):
+class MaskGen_KL(_MaskGenBase):
     """MaskGen with continuous tokens: MAE-style MM-DiT decoder + DiffLoss head.
 
     forward_mae_decoder(x (B, N, C), mask (B, N), condition (B, 77, D), condition_pooled
@@ -427,26 +437,18 @@ class MaskGen_KL(PretrainedModel):
     """
 
     def __init__(self, config: Mapping[str, Any]):
-        super().__init__()
-        config = as_config_dict(config)
-        self.validate_config(config)
-        self.config = config
+        super().__init__(config)
+        config = self.config
         vq, mg = config["model"]["vq_model"], config["model"]["maskgen"]
         self.seq_len = vq["num_latent_tokens"]
         self.token_embed_dim = self.vae_embed_dim = vq["token_size"]
         self.vae_scale_factor = vq["scale_factor"]
         self.decoder_embed_dim = dim = mg["decoder_embed_dim"]
         self.decoder_depth, self.decoder_num_heads = mg["decoder_depth"], mg["decoder_num_heads"]
-        self.text_embed_dim = vq.get("text_embed_dim", 768)
-        self.micro_condition = mg.get("micro_condition", False)
-        self.micro_condition_embed_dim = mg.get("micro_condition_embed_dim", 256)
-        self.sample_aesthetic_score = mg.get("sample_aesthetic_score", 6.0)
-        self.text_drop_prob = mg.get("text_drop_prob", 0.1)
         self.diffusion_batch_mul = mg.get("diffusion_batch_mul", 4)
 
         self.text_emb = Linear(self.text_embed_dim, dim)
-        pooled_in = self.text_embed_dim + (self.micro_condition_embed_dim if self.micro_condition else 0)
-        self.text_pooled_emb = Linear(pooled_in, dim)
+        self.text_pooled_emb = Linear(self.pooled_input_dim, dim)
         self.decoder_blocks = MMDiT(dim, self.decoder_depth, self.decoder_num_heads)
         self.decoder_norm = AdaLayerNormContinuous(dim, dim)
         self.z_proj = Linear(self.token_embed_dim, dim)
@@ -458,7 +460,6 @@ class MaskGen_KL(PretrainedModel):
         self.diffloss = DiffLoss(self.token_embed_dim, losses["diffloss_w"], losses["diffloss_d"], dim,
                                  num_sampling_steps=str(losses.get("num_sampling_steps", "100")),
                                  grad_checkpointing=bool(cfg_get(config, "training.grad_checkpointing", False)))
-        self._graphs = _GraphRunner()
         self.initialize_weights()
 
     @classmethod
@@ -542,13 +543,6 @@ class MaskGen_KL(PretrainedModel):
         m = self.diffusion_batch_mul
         return self.diffloss(target.reshape(b * self.seq_len, -1).repeat(m, 1),
                              z.reshape(b * self.seq_len, -1).repeat(m, 1), mask.reshape(-1).repeat(m))
-
-    def preprocess_condition(self, captions, text_encoder=None, clip_tokenizer=None, clip_encoder=None,
-                             generator: torch.Generator | None = None):
-        captions = _check_captions(captions)
-        cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
-        drop = (torch.rand(len(captions), 1, 1, generator=generator) < self.text_drop_prob).to(cond)
-        return drop * null_c + (1 - drop) * cond, drop * null_p + (1 - drop) * pooled
 
     # ---- sampling ----
     def sampling_schedule(self, num_iter: int, cfg: float, cfg_schedule: str) -> list[KLStep]:

@@ -21,6 +21,12 @@ class PretrainedModel(nn.Module):
     tied_weights: ClassVar[Mapping[str, str]] = {}
     config: dict
 
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        config = checkpoint.as_config_dict(config)
+        self.validate_config(config)
+        self.config = config
+
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> None:
         """Raise ValueError when `config` describes another kind of model."""

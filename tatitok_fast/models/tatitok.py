@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tatitok_fast import ops
-from tatitok_fast.checkpoint import as_config_dict, cfg_get, cfg_require
+from tatitok_fast.checkpoint import cfg_get, cfg_require
 from tatitok_fast.models.layers import Linear, attention
 from tatitok_fast.models.pretrained import PretrainedModel
 from tatitok_fast.ops.reference import kl_sample_ref, vq_nearest_code_ref
@@ -330,10 +330,8 @@ class TATiTok(PretrainedModel):
     """
 
     def __init__(self, config: Mapping[str, Any]):
-        super().__init__()
-        config = as_config_dict(config)
-        self.validate_config(config)
-        self.config = config
+        super().__init__(config)
+        config = self.config
         vq = config["model"]["vq_model"]
         self.quantize_mode = vq.get("quantize_mode", "vq")
         self.finetune_decoder = vq.get("finetune_decoder", False)
