@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One GPU session in one call: build the CUDA extension against the machine's torch, run the
+# GPU tests, then every benchmark, with logs and tables under ${OUT:-gpu_out}.
+#   OUT=/path bash benchmarks/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+export TATITOK_FAST_TARGET=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16}
+export NVCC_THREADS=${NVCC_THREADS:-4}
+pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python -m pytest -q tests/ops tests/models -x -p no:cacheprovider > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
+tail -5 "$OUT/tests.log"
+run() {  # name, then the bench arguments
+  local name=$1; shift
+  tatitok-fast bench "$@" --device cuda --no-progress --json "$OUT/$name.json" --markdown "$OUT/$name.md" \
+    > "$OUT/$name.log" 2>&1 || echo "$name failed (see $name.log)"
+  cat "$OUT/$name.md" 2>/dev/null
+}
+run ops ops
+run tokenizer tokenizer --preset tatitok_bl32_vae --batch 64
+run generate_vq_xl generate --generator maskgen_vq_xl --batch 64
+run generate_kl_xl generate --generator maskgen_kl_xl --batch 32
