@@ -50,7 +50,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # fp32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -161,7 +162,8 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (N, in_channels), t (N,) timestep ids, c (N, z_channels) -> (N, out_channels)."""
-        return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
+        dtype = self.input_proj.weight.dtype  # fp32 diffusion state into a low-precision net
+        return self.forward_embedded(x.to(dtype), self.time_embed(t), self.cond_embed(c.to(dtype)))
 
     def guide(self, model_out: torch.Tensor, cfg_scale: float | torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance on an output (N, out) of rows [cond; uncond]: both halves get

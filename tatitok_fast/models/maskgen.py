@@ -502,7 +502,7 @@ class MaskGen_KL(_MaskGenBase):
         return self.text_emb(condition), self.text_pooled_emb(condition_pooled)
 
     def forward_mae_decoder(self, x, mask, condition, condition_pooled):
-        x = self.z_proj_ln(self.z_proj(x))  # (B, N, D)
+        x = self.z_proj_ln(self.z_proj(x.to(self.mask_token.dtype)))  # (B, N, D)
         x = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)  # masked -> mask token
         x = x + self.decoder_pos_embed_learned
         temb = condition_pooled.squeeze(1)
@@ -578,7 +578,7 @@ class MaskGen_KL(_MaskGenBase):
                 idx = torch.cat([pos, pos]) if use_cfg else pos
                 # (2B or B, n, D) -> rows [cond rows; uncond rows], as DiffLoss.sample wants them
                 rows = z.gather(1, idx.unsqueeze(-1).expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-                new = self.diffloss.sample(rows.float(), temperature, s.cfg if use_cfg else 1.0, generator=generator)
+                new = self.diffloss.sample(rows, temperature, s.cfg if use_cfg else 1.0, generator=generator)
                 new = new[: b * (stop - start)].view(b, stop - start, -1)
                 tokens = tokens.scatter(1, pos.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), new.to(tokens.dtype))
             mask = _mask_by_order(orders, mask, s.mask_len, s.last)[0]

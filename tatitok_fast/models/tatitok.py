@@ -132,7 +132,7 @@ class TiTokEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         b = pixel_values.shape[0]
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, G*G, D)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, G*G, D)
         cls = self.class_embedding.to(x.dtype).expand(b, -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+G*G, D)
         lat = (latent_tokens.to(x.dtype) + self.latent_token_positional_embedding.to(x.dtype)).expand(b, -1, -1)
@@ -186,13 +186,14 @@ class TATiTokDecoder(nn.Module):
         b, c, h, n = z_quantized.shape
         if h != 1 or n != self.num_latent_tokens:
             raise ValueError(f"tokens: expected (B, C, 1, {self.num_latent_tokens}), got {tuple(z_quantized.shape)}")
-        x = self.decoder_embed(z_quantized.reshape(b, c, n).transpose(1, 2))  # (B, N, D)
+        wdtype = self.class_embedding.dtype  # inputs follow the weights (fp32 tokens into a bf16 model)
+        x = self.decoder_embed(z_quantized.reshape(b, c, n).transpose(1, 2).to(wdtype))  # (B, N, D)
         dtype = x.dtype
         g2 = self.grid_size ** 2
         prefix = torch.cat([self.class_embedding.to(dtype).unsqueeze(0), self.mask_token.to(dtype).expand(1, g2, -1)],
                            dim=1) + self.positional_embedding.to(dtype)  # (1, 1+G*G, D)
         x = x + self.latent_token_positional_embedding[:n]
-        text = self.text_guidance_proj(text_guidance) + self.text_guidance_positional_embedding  # (B, 77, D)
+        text = self.text_guidance_proj(text_guidance.to(wdtype)) + self.text_guidance_positional_embedding  # (B, 77, D)
         x = torch.cat([prefix.expand(b, -1, -1).to(x.dtype), x, text.to(x.dtype)], dim=1)
         x = self.transformer(self.ln_pre(x))
         x = self.ln_post(x[:, 1:1 + g2])  # (B, G*G, D)

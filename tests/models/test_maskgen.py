@@ -293,3 +293,18 @@ def test_fused_and_reference_paths_agree(vq_model, text_encoder):
     with reference_mode():
         b = vq_model.generate(["a", "b"], text_encoder=text_encoder, num_sample_steps=4, noise="torch")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["vq", "vae"])
+def test_bf16_pipeline_end_to_end(text_encoder, mode):
+    """bf16 weights everywhere (the fast path's precision): fp32 tokens and text states
+    flow into bf16 models, and images come out in [0, 1]."""
+    from tatitok_fast import TATiTok, TextToImage
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    torch.manual_seed(0)
+    gen = (MaskGen_VQ if mode == "vq" else MaskGen_KL)(tiny_generator_config(mode)).eval().to(torch.bfloat16)
+    tok = TATiTok(tiny_tokenizer_config(mode)).eval().to(torch.bfloat16)
+    images = TextToImage(gen, tok, text_encoder)(["a red cube", "a blue ball"], steps=3)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert bool(images.isfinite().all()) and images.min() >= 0 and images.max() <= 1
