@@ -141,6 +141,8 @@ at::Tensor maskgen_unmask_step_cuda(const at::Tensor& logits, const std::optiona
                     confidence_noise);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), L = logits.size(1), K = logits.size(2);
+  TORCH_CHECK(L <= 12288, "maskgen_unmask_step: the CUDA kernel stages a row's L confidences in 48 KiB of shared "
+              "memory, so L must be <= 12288, got ", L);
   auto out = at::empty({B, L}, ids.options());
   if (B == 0) return out;
   const at::Tensor lg = logits.contiguous();
