@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils.benchmark as tbench
 
 IMPLS = ("tatitok_fast", "reference")
 _MIB = float(1 << 20)
@@ -78,6 +77,8 @@ def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> tuple[float, float,
     """torch.utils.benchmark's blocked_autorange with torch's current intra-op thread count:
     blocks of calls until `min_run_time` seconds; median and IQR over the blocks' per-call
     times."""
+    import torch.utils.benchmark as tbench  # imported when timing: it pulls in cpp_extension, which warns
+
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3, m.iqr * 1e3, m.number_per_run * len(m.times)
