@@ -26,7 +26,7 @@ from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.diffloss import DiffLoss
 from tatitok_fast.models.layers import Linear
 from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
-from tatitok_fast.models.pretrained import PretrainedModel
+from tatitok_fast.models.pretrained import PretrainedModel, default_text_encoder
 from tatitok_fast.models.tatitok import _kl_sample
 from tatitok_fast.ops.reference import gumbel_noise, mask_by_order_ref, maskgen_unmask_step_ref
 
@@ -401,7 +401,7 @@ class MaskGen_VQ(_MaskGenBase):
                                           softmax_temperature_annealing, guidance_decay, guidance_decay_scale_pow,
                                           prob_sorting)
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
-                                                       default_encoder=lambda: _default_text_encoder(self, device))
+                                                       default_encoder=lambda: default_text_encoder(self, device))
         b = len(captions)
         score = self.sample_aesthetic_score if sample_aesthetic_score is None else sample_aesthetic_score
         aes = torch.full((2 * b,), float(score), device=device)
@@ -604,7 +604,7 @@ class MaskGen_KL(_MaskGenBase):
         schedule = self.sampling_schedule(num_iter, cfg, cfg_schedule)
         use_cfg = cfg != 1.0
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
-                                                       default_encoder=lambda: _default_text_encoder(self, device))
+                                                       default_encoder=lambda: default_text_encoder(self, device))
         aes = torch.as_tensor(aes_scores, dtype=torch.float32, device=device).expand(bsz)
         dtype = self.mask_token.dtype
         if use_cfg:
@@ -655,15 +655,3 @@ def _validate_generator_config(config: Mapping[str, Any], mode: str) -> None:
     for key in ("num_latent_tokens", "token_size") + (("codebook_size",) if mode == "vq" else ()):
         if not isinstance(vq.get(key), int) or vq[key] <= 0:
             raise ValueError(f"config: model.vq_model.{key} must be a positive int, got {vq.get(key)!r}")
-
-
-def _default_text_encoder(model: nn.Module, device: torch.device):
-    """The reference's text tower (open_clip ViT-L-14-336, OpenAI weights), made on first use
-    and kept on the model outside its state dict."""
-    enc = model.__dict__.get("_default_text_encoder")
-    if enc is None:
-        from tatitok_fast.text import CLIPTextEncoder
-
-        enc = CLIPTextEncoder(device=device)
-        model.__dict__["_default_text_encoder"] = enc
-    return enc

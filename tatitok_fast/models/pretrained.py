@@ -64,3 +64,14 @@ class PretrainedModel(nn.Module):
         """Write config.json + model.safetensors (or pytorch_model.bin): the official layout,
         readable by the reference code's from_pretrained."""
         return checkpoint.save(self, self.config, save_directory, safe_serialization=safe_serialization)
+
+
+def default_text_encoder(model: nn.Module, device: torch.device | str):
+    """The reference's text tower (open_clip ViT-L-14-336, OpenAI weights) for a model called
+    without one: made on first use, then kept on the model (outside its state dict)."""
+    enc = model.__dict__.get("_default_text_encoder")
+    if enc is None:
+        from tatitok_fast.text import CLIPTextEncoder
+
+        enc = model.__dict__["_default_text_encoder"] = CLIPTextEncoder(device=device)
+    return enc.to(device)

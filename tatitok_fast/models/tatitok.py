@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get, cfg_require
 from tatitok_fast.models.layers import Linear, attention
-from tatitok_fast.models.pretrained import PretrainedModel
+from tatitok_fast.models.pretrained import PretrainedModel, default_text_encoder
 from tatitok_fast.ops.reference import kl_sample_ref, vq_nearest_code_ref
 
 VIT_SIZES = {  # width, layers, heads
@@ -441,14 +441,12 @@ class TATiTok(PretrainedModel):
     def detokenize(self, tokens: torch.Tensor, captions, text_encoder=None) -> torch.Tensor:
         """tokens (see decode_tokens) + one caption per image -> images (B, 3, H, W) in [0, 1].
         text_encoder: a tatitok_fast.text.CLIPTextEncoder (default: ViT-L-14-336/openai)."""
-        from tatitok_fast.text import CLIPTextEncoder
-
         if isinstance(captions, str):
             captions = [captions]
         if len(captions) != tokens.shape[0]:
             raise ValueError(f"captions: expected {tokens.shape[0]} captions (one per image), got {len(captions)}")
         if text_encoder is None:
-            text_encoder = CLIPTextEncoder(device=tokens.device)
+            text_encoder = default_text_encoder(self, tokens.device)
         guidance = text_encoder(captions).guidance.to(tokens.device)
         p = next(self.parameters())
         with torch.autocast(p.device.type, enabled=False):

@@ -308,3 +308,20 @@ def test_bf16_pipeline_end_to_end(text_encoder, mode):
     images = TextToImage(gen, tok, text_encoder)(["a red cube", "a blue ball"], steps=3)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
     assert bool(images.isfinite().all()) and images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_vq_sampling_loop_has_no_host_sync(vq_model):
+    model = MaskGen_VQ(vq_model.config).cuda().eval()
+    sched = model.sampling_schedule(4, 12.0, 2.0, True, "cosine", 1.0, True)
+    ctx, temb = torch.randn(4, 77, 64, device="cuda"), torch.randn(4, 64, device="cuda")
+    ctx, temb = model.project_conditions(ctx, temb.unsqueeze(1)[:, :, :64], torch.full((4,), 6.5, device="cuda"))
+    ids = torch.full((2, 16), model.mask_token_id, device="cuda")
+    with torch.no_grad():
+        model._sample_loop(ctx, temb, ids, sched, None, "philox")  # warm-up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model._sample_loop(ctx, temb, ids, sched, None, "philox")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert bool((out < 64).all())

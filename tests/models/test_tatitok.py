@@ -225,3 +225,20 @@ def test_clustering_vq_refresh_follows_the_reference_formula():
     torch.testing.assert_close(q.embedding.weight.detach(), before * (1 - decay) + feat * decay)
     unused = usage == 0
     assert bool(unused.any()) and bool(((q.embedding.weight - before).norm(dim=1)[unused] > 0).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_encode_decode(tiny_vq):
+    import copy
+
+    model = copy.deepcopy(tiny_vq).cuda()
+    x, guidance = torch.rand(2, 3, 32, 32, device="cuda"), torch.randn(2, 77, 64, device="cuda")
+    with torch.no_grad():
+        ids = model.encode(x)[1]["min_encoding_indices"]  # warm-up: lazy CUDA/cuBLAS init may sync
+        model.decode_tokens(ids, guidance)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ids = model.encode(x)[1]["min_encoding_indices"]
+            model.decode_tokens(ids, guidance)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
