@@ -1,6 +1,7 @@
 // Philox4x32-10 counter-based RNG (Salmon et al., "Parallel random numbers: as easy as
-// 1, 2, 3", SC'11), written once for host and device so that the CPU and CUDA kernels draw
-// the same numbers for the same (seed, counter). Every random element owns its counter:
+// 1, 2, 3", SC'11), written once for host and device so that the CPU and CUDA kernels of the
+// MaskGen step draw the same numbers for the same (seed, counter). Every random element owns
+// its counter:
 //   counter = (offset + j, 0, stream_lo, stream_hi)   with stream = element/position index.
 #pragma once
 

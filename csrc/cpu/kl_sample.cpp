@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "cpu/cpu_vec.h"
-#include "kl_math.h"
+#include "kl_backward_inputs.h"
 #include "op_checks.h"
 #include "ops.h"
 
@@ -88,25 +88,16 @@ at::Tensor kl_sample_backward_cpu(const std::optional<at::Tensor>& grad_sample,
                                   const std::optional<at::Tensor>& grad_mean,
                                   const std::optional<at::Tensor>& grad_std, const std::optional<at::Tensor>& grad_kl,
                                   const at::Tensor& parameters, const at::Tensor& sample, bool deterministic) {
-  check_kl_args(parameters, std::nullopt);
-  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
-  auto grad = at::empty({B, 2 * C, H, W}, parameters.options().dtype(at::kFloat));
-  if (grad.numel() == 0) return grad.to(parameters.scalar_type());
-  const at::Tensor params = parameters.to(at::kFloat).contiguous();
-  const at::Tensor smp = sample.to(at::kFloat).contiguous();
-  auto opt = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
-  };
-  const at::Tensor gs = opt(grad_sample), gm = opt(grad_mean), gsd = opt(grad_std), gk = opt(grad_kl);
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-  const KLGrads g{ptr(gs), ptr(gm), ptr(gsd), ptr(gk)};
-  const float* p = params.data_ptr<float>();
-  const float* sp = smp.data_ptr<float>();
-  float* out = grad.data_ptr<float>();
-  at::parallel_for(0, B * W, 64, [&](int64_t begin, int64_t end) {
+  const KLBackwardInputs in = prepare_kl_backward(grad_sample, grad_mean, grad_std, grad_kl, parameters, sample);
+  const KLGrads g = in.grads();
+  const int64_t C = in.C, H = in.H, W = in.W;
+  const float* p = in.params.data_ptr<float>();
+  const float* sp = in.sample.data_ptr<float>();
+  float* out = in.grad.data_ptr<float>();
+  at::parallel_for(0, in.B * W, 64, [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col) kl_backward_column(p, sp, g, col / W, col % W, C, H, W, deterministic, out);
   });
-  return grad.to(parameters.scalar_type());
+  return in.grad.to(parameters.scalar_type());
 }
 
 }  // namespace tatitok_fast

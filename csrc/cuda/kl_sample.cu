@@ -1,12 +1,12 @@
 // CUDA kernels of kl_sample / kl_sample_backward (see ../cpu/kl_sample.cpp for the math).
 // One thread per (b, w) column walks C x H; neighbouring threads read neighbouring w, so
-// every load is coalesced. In-kernel noise: Philox keyed by torch's CUDA generator, stream =
-// element index, the same numbers as the CPU kernel for the same (seed, counter).
+// every load is coalesced. In-kernel noise: Philox keyed by torch's CUDA generator (CUDA-graph
+// safe), stream = element index. (The CPU kernel takes torch's vectorised normal sampler.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
 #include "cuda/cuda_utils.cuh"
-#include "kl_math.h"
+#include "kl_backward_inputs.h"
 #include "op_checks.h"
 #include "ops.h"
 #include "philox.h"
@@ -95,24 +95,16 @@ at::Tensor kl_sample_backward_cuda(const std::optional<at::Tensor>& grad_sample,
                                    const std::optional<at::Tensor>& grad_std,
                                    const std::optional<at::Tensor>& grad_kl, const at::Tensor& parameters,
                                    const at::Tensor& sample, bool deterministic) {
-  check_kl_args(parameters, std::nullopt);
   const c10::cuda::CUDAGuard guard(parameters.device());
-  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
-  auto grad = at::empty({B, 2 * C, H, W}, parameters.options().dtype(at::kFloat));
-  if (grad.numel() == 0) return grad.to(parameters.scalar_type());
-  const at::Tensor params = parameters.to(at::kFloat).contiguous();
-  const at::Tensor smp = sample.to(at::kFloat).contiguous();
-  auto opt = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
-  };
-  const at::Tensor gs = opt(grad_sample), gm = opt(grad_mean), gsd = opt(grad_std), gk = opt(grad_kl);
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-  constexpr int kThreads = 128;
-  kl_backward_kernel<<<num_blocks(B * W, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      params.data_ptr<float>(), smp.data_ptr<float>(), KLGrads{ptr(gs), ptr(gm), ptr(gsd), ptr(gk)}, B, C, H, W,
-      deterministic, grad.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad.to(parameters.scalar_type());
+  const KLBackwardInputs in = prepare_kl_backward(grad_sample, grad_mean, grad_std, grad_kl, parameters, sample);
+  if (in.grad.numel() > 0) {
+    constexpr int kThreads = 128;
+    kl_backward_kernel<<<num_blocks(in.B * in.W, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        in.params.data_ptr<float>(), in.sample.data_ptr<float>(), in.grads(), in.B, in.C, in.H, in.W, deterministic,
+        in.grad.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return in.grad.to(parameters.scalar_type());
 }
 
 }  // namespace tatitok_fast

@@ -73,8 +73,9 @@ def kl_sample(parameters: torch.Tensor, noise: torch.Tensor | None = None, deter
 
     Args:
         parameters: (B, 2C, H, W), mean then logvar on dim 1 (the encoder output).
-        noise: optional (B, C, H, W) float32 standard-normal noise; drawn in-kernel (Philox,
-            from `generator` or torch's default generator) when omitted.
+        noise: optional (B, C, H, W) float32 standard-normal noise. When omitted it is drawn
+            from `generator` (or torch's default generator): in-kernel Philox on CUDA (CUDA-graph
+            safe), torch's vectorised normal sampler on CPU.
         deterministic: sample = mean, std = 0, kl = 0 (the reference's deterministic mode).
     Returns:
         sample, mean, std: (B, C, H, W) float32; kl: (B, W) float32 =
