@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
@@ -562,11 +563,12 @@ class MaskGen_KL(_MaskGenBase):
             masked = 0 if last else mask_len
         return steps
 
-    def _sample_loop(self, condition, condition_pooled, orders, schedule, temperature, use_cfg, generator):
+    def _sample_loop(self, condition, condition_pooled, orders, schedule, temperature, use_cfg, generator,
+                     progress=False):
         b = orders.shape[0]
         tokens = torch.zeros(b, self.seq_len, self.token_embed_dim, device=orders.device)
         mask = torch.ones(b, self.seq_len, device=orders.device, dtype=torch.bool)
-        for s in schedule:
+        for s in tqdm(schedule, desc="sample_tokens", unit="step", disable=not progress):
             start, stop = s.revealed
             if stop > start:
                 if use_cfg:
@@ -592,7 +594,9 @@ class MaskGen_KL(_MaskGenBase):
         """Text -> continuous tokens (B, C, 1, N) for the KL tokenizer's decoder, with the
         reference's schedule: random order per sample, cosine schedule of the number still
         masked, CFG growing linearly with the fraction revealed (or constant), DiffLoss
-        sampling (temperature on the diffusion noise) batched over every token of a step."""
+        sampling (temperature on the diffusion noise) batched over every token of a step.
+        progress: a progress bar over the iterations (eager path; a CUDA-graph replay is one
+        launch)."""
         captions = _check_captions(list(captions) if isinstance(captions, tuple) else captions)
         if not isinstance(bsz, int) or bsz <= 0:
             raise ValueError(f"bsz: expected a positive int, got {bsz!r}")
@@ -613,7 +617,8 @@ class MaskGen_KL(_MaskGenBase):
         condition, condition_pooled = self.project_conditions(cond.to(device, dtype), pooled.to(device, dtype), aes)
         orders = self.sample_orders(bsz, device, generator)
         if not _use_graph(use_cuda_graph, device, generator):
-            return self._sample_loop(condition, condition_pooled, orders, schedule, temperature, use_cfg, generator)
+            return self._sample_loop(condition, condition_pooled, orders, schedule, temperature, use_cfg, generator,
+                                     progress)
         key = ("kl", bsz, tuple(schedule), float(temperature), use_cfg, dtype)
         return self._graphs(key, lambda c, p, o: self._sample_loop(c, p, o, schedule, temperature, use_cfg, None),
                             [condition, condition_pooled, orders])
