@@ -102,6 +102,19 @@ def _pointwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
+def _vit_geometry(module: nn.Module, config: Mapping[str, Any], side: str) -> None:
+    """Image size, patch grid and ViT size of the encoder (side="enc") or decoder ("dec")."""
+    vq = config["model"]["vq_model"]
+    module.image_size = cfg_require(config, "dataset.preprocessing.crop_size")
+    module.patch_size = vq[f"vit_{side}_patch_size"]
+    if module.image_size % module.patch_size:
+        raise ValueError(f"crop_size {module.image_size} is not a multiple of vit_{side}_patch_size {module.patch_size}")
+    module.grid_size = module.image_size // module.patch_size
+    module.width, module.num_layers, module.num_heads = VIT_SIZES[vq[f"vit_{side}_model_size"]]
+    module.num_latent_tokens = vq["num_latent_tokens"]
+    module.is_legacy = vq.get("is_legacy", True)
+
+
 # ---------------------------------------------------------------------------------------
 # Encoder: patches + class token + learned latent tokens -> ViT -> latent tokens
 
@@ -109,15 +122,8 @@ class TiTokEncoder(nn.Module):
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
         vq = config["model"]["vq_model"]
-        self.image_size = cfg_require(config, "dataset.preprocessing.crop_size")
-        self.patch_size = vq["vit_enc_patch_size"]
-        if self.image_size % self.patch_size:
-            raise ValueError(f"crop_size {self.image_size} is not a multiple of vit_enc_patch_size {self.patch_size}")
-        self.grid_size = self.image_size // self.patch_size
-        self.width, self.num_layers, self.num_heads = VIT_SIZES[vq["vit_enc_model_size"]]
-        self.num_latent_tokens = vq["num_latent_tokens"]
+        _vit_geometry(self, config, "enc")
         self.token_size = vq["token_size"] * (2 if vq.get("quantize_mode", "vq") == "vae" else 1)  # KL: mean + logvar
-        self.is_legacy = vq.get("is_legacy", True)
 
         w = self.width
         scale = w ** -0.5
@@ -152,15 +158,8 @@ class TATiTokDecoder(nn.Module):
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
         vq = config["model"]["vq_model"]
-        self.image_size = cfg_require(config, "dataset.preprocessing.crop_size")
-        self.patch_size = vq["vit_dec_patch_size"]
-        if self.image_size % self.patch_size:
-            raise ValueError(f"crop_size {self.image_size} is not a multiple of vit_dec_patch_size {self.patch_size}")
-        self.grid_size = self.image_size // self.patch_size
-        self.width, self.num_layers, self.num_heads = VIT_SIZES[vq["vit_dec_model_size"]]
-        self.num_latent_tokens = vq["num_latent_tokens"]
+        _vit_geometry(self, config, "dec")
         self.token_size = vq["token_size"]
-        self.is_legacy = vq.get("is_legacy", True)
         self.text_context_length = vq.get("text_context_length", 77)
         self.text_embed_dim = vq.get("text_embed_dim", 768)
         if self.is_legacy:
