@@ -57,27 +57,12 @@ def _check_ranges(args) -> None:
 
 
 def _load_generator(args, device, dtype):
-    from tatitok_fast import checkpoint
-    from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+    from tatitok_fast.checkpoint import CheckpointError
+    from tatitok_fast.models.maskgen import load_generator
 
     try:
-        config, _ = None, None
-        probe = Path(args.generator)
-        if probe.is_dir():
-            config = checkpoint.read_config(probe / checkpoint.CONFIG_NAME)
-        elif args.generator in checkpoint.presets.GENERATORS:
-            config = checkpoint.presets.preset_config(args.generator)
-        mode = checkpoint.cfg_get(config, "model.vq_model.quantize_mode") if config else None
-        cls = MaskGen_KL if mode == "vae" else MaskGen_VQ
-        try:
-            model = cls.from_pretrained(args.generator, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
-        except ValueError as exc:  # a Hub repo of the other kind: its config says so
-            if mode is None and "config" in str(exc):
-                model = MaskGen_KL.from_pretrained(args.generator, cache_dir=args.cache_dir,
-                                                   local_files_only=args.local_files_only)
-            else:
-                raise
-    except (checkpoint.CheckpointError, KeyError, ValueError, NotImplementedError) as exc:
+        model = load_generator(args.generator, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
+    except (CheckpointError, KeyError, ValueError, NotImplementedError) as exc:
         raise CommandError(f"--generator {args.generator}: {exc}") from None
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

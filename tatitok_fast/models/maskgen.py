@@ -204,6 +204,12 @@ class _MaskGenBase(PretrainedModel):
         self.text_drop_prob = mg.get("text_drop_prob", 0.1)
         self._graphs = _GraphRunner()
 
+    @classmethod
+    def class_for_config(cls, config: Mapping[str, Any]) -> type[PretrainedModel]:
+        if cls is not _MaskGenBase:
+            return cls
+        return MaskGen_KL if cfg_get(config, "model.vq_model.quantize_mode", "vq") == "vae" else MaskGen_VQ
+
     @property
     def pooled_input_dim(self) -> int:
         """Width of the pooled condition: CLIP's pooled embedding [+ the aesthetic code]."""
@@ -660,3 +666,9 @@ def _validate_generator_config(config: Mapping[str, Any], mode: str) -> None:
     for key in ("num_latent_tokens", "token_size") + (("codebook_size",) if mode == "vq" else ()):
         if not isinstance(vq.get(key), int) or vq[key] <= 0:
             raise ValueError(f"config: model.vq_model.{key} must be a positive int, got {vq.get(key)!r}")
+
+
+def load_generator(name_or_path, **kwargs) -> "MaskGen_VQ | MaskGen_KL":
+    """MaskGen_VQ or MaskGen_KL, whichever the checkpoint's config describes (arguments as
+    PretrainedModel.from_pretrained)."""
+    return _MaskGenBase.from_pretrained(name_or_path, **kwargs)

@@ -32,6 +32,11 @@ class PretrainedModel(nn.Module):
         """Raise ValueError when `config` describes another kind of model."""
 
     @classmethod
+    def class_for_config(cls, config: Mapping[str, Any]) -> type["PretrainedModel"]:
+        """The class from_pretrained builds for `config` (a base class may pick a subclass)."""
+        return cls
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                         config: Mapping | None = None, revision: str | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False, device: torch.device | str | None = None,
@@ -45,6 +50,7 @@ class PretrainedModel(nn.Module):
         """
         cfg, sd = checkpoint.resolve(name_or_path, weights=weights, config=config, revision=revision,
                                      cache_dir=cache_dir, local_files_only=local_files_only, kind=cls.__name__)
+        cls = cls.class_for_config(cfg)
         cls.validate_config(cfg)
         with torch.device("meta"):
             model = cls(cfg)

@@ -325,3 +325,12 @@ def test_vq_sampling_loop_has_no_host_sync(vq_model):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert bool((out < 64).all())
+
+
+def test_load_generator_picks_the_class_from_the_config(tmp_path, kl_model):
+    from tatitok_fast.models.maskgen import load_generator
+
+    kl_model.save_pretrained(tmp_path / "kl")
+    assert type(load_generator(tmp_path / "kl")) is MaskGen_KL
+    with pytest.raises(ValueError, match="this is a MaskGen_KL config"):
+        MaskGen_VQ.from_pretrained(tmp_path / "kl")
