@@ -356,24 +356,22 @@ class MaskGen_VQ(_MaskGenBase):
                 cond, uncond = logits[:b], logits[b:]
             else:
                 cond, uncond = self.logits(ids, context[:b], temb[:b]), None
-            if gumbel == "torch":  # the reference's noise draws, in its order, for bit-exact reproduction
+            fused = ops.use_fused("maskgen_unmask_step", ids.device)
+            if gumbel == "torch" or not fused:  # the reference's noise draws, in its order
                 g = gumbel_noise(cond.shape, device=ids.device, generator=generator)
                 g2 = (gumbel_noise(ids.shape, device=ids.device, generator=generator) if prob_sorting
                       else torch.zeros(ids.shape, device=ids.device))
-            else:
+            else:  # drawn inside the fused kernel
                 g = g2 = None
             kw = dict(softmax_temperature=s.softmax_temperature, sample_temperature=s.gumbel_temperature,
-                      confidence_temperature=s.confidence_temperature, last_step=s.last, uncond_logits=uncond,
-                      guidance_scale=s.guidance_scale)
-            if ops.use_fused("maskgen_unmask_step", ids.device):
-                ids = ops.maskgen_unmask_step(cond, ids, self.mask_token_id, s.mask_len, sample_noise=g,
-                                              confidence_noise=g2, generator=generator, **kw)
-            else:  # no kernel for this device: the reference sequence
-                g = gumbel_noise(cond.shape, device=ids.device, generator=generator) if g is None else g
-                g2 = gumbel_noise(ids.shape, device=ids.device, generator=generator) if g2 is None else g2
-                ids = maskgen_unmask_step_ref(cond.float(), ids, self.mask_token_id, s.mask_len, sample_noise=g,
-                                              confidence_noise=g2, **{**kw, "uncond_logits": None if uncond is None
-                                                                      else uncond.float()})
+                      confidence_temperature=s.confidence_temperature, last_step=s.last, sample_noise=g,
+                      confidence_noise=g2, guidance_scale=s.guidance_scale)
+            if fused:
+                ids = ops.maskgen_unmask_step(cond, ids, self.mask_token_id, s.mask_len, uncond_logits=uncond,
+                                              generator=generator, **kw)
+            else:  # no kernel for this device, or reference_mode(): the reference sequence
+                ids = maskgen_unmask_step_ref(cond.float(), ids, self.mask_token_id, s.mask_len,
+                                              uncond_logits=None if uncond is None else uncond.float(), **kw)
         return ids
 
     @torch.no_grad()
