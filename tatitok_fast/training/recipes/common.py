@@ -1,0 +1,94 @@
+"""What both recipes need: the official config a run trains (preset / tiny / file, plus dotted
+overrides), starting weights (init_from) and the frozen CLIP text tower."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tatitok_fast import presets
+from tatitok_fast.training.config import ConfigError
+
+TINY = {"tiny_vq": "vq", "tiny_vae": "vae"}
+
+
+def model_config(model_cfg, kind: str) -> dict:
+    """model.config (a zoo preset, tiny_vq / tiny_vae, or a config.json path) + model.overrides
+    -> an official-schema config dict. kind: "tokenizer" or "generator"."""
+    from tatitok_fast.checkpoint import CheckpointError, read_config
+
+    name = model_cfg.config
+    table = presets.TOKENIZERS if kind == "tokenizer" else presets.GENERATORS
+    if name in table:
+        config = presets.preset_config(name)
+    elif name in TINY:
+        config = (presets.tiny_tokenizer_config if kind == "tokenizer" else presets.tiny_generator_config)(TINY[name])
+    elif name.endswith(".json") or Path(name).is_dir():
+        path = Path(name) / "config.json" if Path(name).is_dir() else Path(name)
+        try:
+            config = read_config(path)
+        except CheckpointError as exc:
+            raise ConfigError(f"model.config: {exc}") from None
+    else:
+        raise ConfigError(f"model.config: {name!r} is not a {kind} preset ({sorted(table)}), "
+                          f"{sorted(TINY)}, or a config.json path / directory")
+    config = copy.deepcopy(config)
+    for dotted, value in model_cfg.overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"model.overrides.{dotted}: {p} is not a table in the model config")
+        node[leaf] = value
+    config.setdefault("model", {})["text_encoder"] = dict(model_cfg.text_encoder)
+    return config
+
+
+def load_initial_weights(model: nn.Module, init_from: str, strict: bool) -> None:
+    """Copy weights from a preset, Hub id or directory (an export of ours or an official
+    checkpoint) into `model`; strict=False keeps keys the source lacks (official stage 2)."""
+    from tatitok_fast.checkpoint import CheckpointError, check_and_fill, resolve
+
+    try:
+        _, sd = resolve(init_from, kind=type(model).__name__)
+    except (CheckpointError, KeyError, ValueError) as exc:
+        raise ConfigError(f"model.init_from {init_from}: {exc}") from None
+    if sd is None:
+        raise ConfigError(f"model.init_from {init_from}: no weights found")
+    tied = getattr(model, "tied_weights", {})
+    if strict:
+        try:
+            sd = check_and_fill(model, sd, f"model.init_from {init_from}", tied)
+        except (CheckpointError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        model.load_state_dict(sd, strict=True)
+    else:
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(sd, strict=False)
+    if hasattr(model, "post_load"):
+        model.post_load()
+
+
+def text_encoder(spec: dict, device: torch.device):
+    """The frozen CLIP text tower a run's model.text_encoder names; offline errors name the
+    file that is missing."""
+    from tatitok_fast.text import CLIPTextEncoder
+
+    try:
+        enc = CLIPTextEncoder.from_spec(spec, device=device)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ConfigError(f"model.text_encoder {spec}: {exc}") from None
+    return enc.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Model init under a fixed seed, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
