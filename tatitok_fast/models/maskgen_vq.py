@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tatitok_fast import ops
 from tatitok_fast.models.graph_runner import _use_graph
 from tatitok_fast.models.layers import Linear
-from tatitok_fast.models.maskgen_base import _MaskGenBase, _validate_generator_config
+from tatitok_fast.models.maskgen_base import _MaskGenBase, _validate_generator_config, aesthetic_scores
 from tatitok_fast.models.maskgen_schedules import (GUIDANCE_DECAYS, VQStep, _check_sampling_args, get_masking_ratio,
                                                    sinusoid_halves)
 from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
@@ -110,6 +110,9 @@ class MaskGen_VQ(_MaskGenBase):
 
     # ---- training ----
     def masking_input_tokens(self, input_tokens: torch.Tensor, generator: torch.Generator | None = None):
+        """(B, N) ids -> (ids with masked positions set to mask_token_id, masks (B, N) bool).
+        Per sample t ~ U(0, 1), ratio = arccos(t) / (pi / 2), round(N * ratio) >= 1 positions
+        masked, chosen by an argsort of uniform noise (the reference's draws, in its order)."""
         b, n = input_tokens.shape
         dev = input_tokens.device
         t = torch.rand(b, device=dev, generator=generator)
@@ -119,10 +122,25 @@ class MaskGen_VQ(_MaskGenBase):
         masks = rank < num_masked[:, None]
         return torch.where(masks, self.mask_token_id, input_tokens), masks
 
-    def forward(self, input_tokens, condition, condition_pooled, aesthetic_score=None):
+    def forward(self, input_tokens, condition, condition_pooled, aesthetic_score=None,
+                generator: torch.Generator | None = None, masks: torch.Tensor | None = None):
+        """Training mode masks the tokens first (generator: draws the masks; or `masks` (B, N)
+        bool given by the caller, e.g. drawn per sample by the training recipe). Token ids of
+        any integer dtype (the reference's loader gives float16 ids and no cast: a TypeError)."""
+        if not isinstance(input_tokens, torch.Tensor) or input_tokens.dim() != 2 \
+                or input_tokens.is_floating_point() or input_tokens.is_complex():
+            got = (f"{input_tokens.dtype} {tuple(input_tokens.shape)}" if isinstance(input_tokens, torch.Tensor)
+                   else type(input_tokens).__name__)
+            raise ValueError(f"input_tokens: expected integer token ids (B, N), got {got}")
+        input_tokens = input_tokens.long()
         _check_text_states("condition", condition, input_tokens.shape[0], (77, self.text_embed_dim))
-        if self.training:
-            input_ids, masks = self.masking_input_tokens(input_tokens)
+        if masks is not None:
+            if masks.shape != input_tokens.shape or masks.dtype != torch.bool:
+                raise ValueError(f"masks: expected bool {tuple(input_tokens.shape)}, got {masks.dtype} "
+                                 f"{tuple(masks.shape)}")
+            input_ids = torch.where(masks, self.mask_token_id, input_tokens)
+        elif self.training:
+            input_ids, masks = self.masking_input_tokens(input_tokens, generator)
         else:
             input_ids, masks = input_tokens, None
         context, temb = self.project_conditions(condition, condition_pooled, aesthetic_score)
@@ -151,14 +169,21 @@ class MaskGen_VQ(_MaskGenBase):
             cap = int(torch.floor(self.image_seq_len * get_masking_ratio(ratio, self.mask_schedule_strategy)))
             mask_len = max(1, min(num_masked - 1, cap))
             last = step == num_sample_steps - 1
+            # softmax_temperature_annealing=False reaches T = 0 on the last step: the reference
+            # divides by zero there; the clamp gives the T -> 0 limit, greedy argmax (README)
             steps.append(VQStep(float(cfg), max(float(temp), 1e-6), float(annealed),
-                                float(annealed) if prob_sorting else 0.0, mask_len, last))
+                                float(annealed) if prob_sorting else 0.0, mask_len, last, cap))
             num_masked = mask_len
         return steps
 
     def _sample_loop(self, context, temb, ids, schedule, generator, gumbel, prob_sorting=True):
         b = ids.shape[0]
         for s in schedule:
+            # How many to re-mask, as the reference counts it: min(masked in row 0 - 1, cap),
+            # at least 1, for every row. Without ties that is s.mask_len; ties at the cut-off
+            # re-mask more, which the count (on device: no host sync) carries into this step.
+            masked0 = (ids[0] == self.mask_token_id).sum()  # 0-d
+            mask_len = (masked0 - 1).clamp(max=s.cap).clamp(min=1).repeat(b)  # (B,) int64
             if s.guidance_scale != 0:
                 logits = self.logits(torch.cat([ids, ids]), context, temb)  # (2B, N, K): [cond; uncond]
                 cond, uncond = logits[:b], logits[b:]
@@ -175,16 +200,16 @@ class MaskGen_VQ(_MaskGenBase):
                       confidence_temperature=s.confidence_temperature, last_step=s.last, sample_noise=g,
                       confidence_noise=g2, guidance_scale=s.guidance_scale)
             if fused:
-                ids = ops.maskgen_unmask_step(cond, ids, self.mask_token_id, s.mask_len, uncond_logits=uncond,
+                ids = ops.maskgen_unmask_step(cond, ids, self.mask_token_id, mask_len, uncond_logits=uncond,
                                               generator=generator, **kw)
             else:  # no kernel for this device, or reference_mode(): the reference sequence
-                ids = maskgen_unmask_step_ref(cond.float(), ids, self.mask_token_id, s.mask_len,
+                ids = maskgen_unmask_step_ref(cond.float(), ids, self.mask_token_id, mask_len,
                                               uncond_logits=None if uncond is None else uncond.float(), **kw)
         return ids
 
     @torch.no_grad()
     def generate(self, captions, guidance_scale: float = 12.0, randomize_temperature: float = 1.5,
-                 sample_aesthetic_score: float | None = None, softmax_temperature_annealing: bool = True,
+                 sample_aesthetic_score: float | torch.Tensor | None = None, softmax_temperature_annealing: bool = True,
                  num_sample_steps: int = 16, guidance_decay: str = "cosine", guidance_decay_scale_pow: float = 1.0,
                  clip_tokenizer=None, clip_encoder=None, prob_sorting: bool = True, *, text_encoder=None,
                  generator: torch.Generator | None = None, use_cuda_graph: bool | None = None,
@@ -195,8 +220,10 @@ class MaskGen_VQ(_MaskGenBase):
 
         Conditions come from `text_encoder` (a CLIPTextEncoder) or the reference's
         (clip_tokenizer, clip_encoder) open_clip pair. sample_aesthetic_score: the aesthetic
-        micro-condition (None: the config's value; the reference ignores the value passed and
-        always uses the config's). noise="philox" draws the Gumbel noise inside the fused
+        micro-condition, a number, a 0-d tensor or a (B,) tensor of per-sample scores (the
+        official training loop passes the batch's), None: the config's value. The reference
+        replaces any value passed by the config's (README, differences); ignored by models
+        without micro-conditioning. noise="philox" draws the Gumbel noise inside the fused
         kernel; noise="torch" draws it as the reference does (torch.rand), which reproduces
         the reference's ids for the same seed. On CUDA the loop is a CUDA graph unless
         use_cuda_graph=False or a generator is given.
@@ -209,6 +236,9 @@ class MaskGen_VQ(_MaskGenBase):
         if noise not in ("philox", "torch"):
             raise ValueError(f"noise: expected 'philox' or 'torch', got {noise!r}")
         device = self.pos_embed.device
+        aes = aesthetic_scores(sample_aesthetic_score, len(captions), self.sample_aesthetic_score, device,
+                               "sample_aesthetic_score")
+        aes = torch.cat([aes, aes])  # (2B,): [cond; uncond]
         use_graph = _use_graph(use_cuda_graph, device, generator) and noise == "philox"
         schedule = self.sampling_schedule(num_sample_steps, guidance_scale, randomize_temperature,
                                           softmax_temperature_annealing, guidance_decay, guidance_decay_scale_pow,
@@ -216,8 +246,6 @@ class MaskGen_VQ(_MaskGenBase):
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
                                                        default_encoder=lambda: default_text_encoder(self, device))
         b = len(captions)
-        score = self.sample_aesthetic_score if sample_aesthetic_score is None else sample_aesthetic_score
-        aes = torch.full((2 * b,), float(score), device=device)
         dtype = self.pos_embed.dtype
         context, temb = self.project_conditions(
             torch.cat([cond, null_c.expand(b, -1, -1)]).to(device, dtype),
@@ -226,4 +254,5 @@ class MaskGen_VQ(_MaskGenBase):
         if not use_graph:
             return self._sample_loop(context, temb, ids, schedule, generator, noise, prob_sorting)
         key = ("vq", b, tuple(schedule), dtype)
-        return self._graphs(key, lambda c, t, i: self._sample_loop(c, t, i, schedule, None, noise), [context, temb, ids])
+        return self._graphs(key, lambda c, t, i: self._sample_loop(c, t, i, schedule, None, noise, prob_sorting),
+                            [context, temb, ids], module=self)

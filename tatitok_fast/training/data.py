@@ -245,7 +245,10 @@ def build_loader(cfg, recipe, rank: int, world_size: int, batch_size: int, posit
                          resume=position.get("workers"), max_bad_fraction=d.max_bad_fraction)
     loader = DataLoader(stream, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        prefetch_factor=4 if d.num_workers > 0 else None)
+                        prefetch_factor=4 if d.num_workers > 0 else None,
+                        # its own generator: starting an iterator must not draw from the global RNG
+                        # (a resumed run restores that RNG and must continue it exactly)
+                        generator=torch.Generator().manual_seed(cfg.training.seed))
     return loader, DataPosition(start_batch, position.get("workers"))
 
 

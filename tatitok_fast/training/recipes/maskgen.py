@@ -52,6 +52,9 @@ class MaskGenRecipe(Recipe):
             raise ConfigError(f"model.config {self.cfg.model.config}: {exc}") from None
         if self.cfg.model.init_from:
             common.load_initial_weights(model, self.cfg.model.init_from, self.cfg.model.init_strict)
+        for block in self.blocks(model)[: model.config["model"]["maskgen"]["decoder_depth"]]:
+            if block.context_pre_only:  # its text queries are never computed: no gradient, no optimizer state
+                block.attn.add_q_proj.requires_grad_(False)
         self.num_tokens = model.image_seq_len if self.mode == "vq" else model.seq_len
         self.codebook_size = getattr(model, "target_codebook_size", None)
         self.token_size = None if self.mode == "vq" else model.token_embed_dim
@@ -62,7 +65,7 @@ class MaskGenRecipe(Recipe):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         if self.mode == "vq":
             return list(model.blocks)
-        return list(model.decoder_blocks) + list(model.diffloss.net.res_blocks)  # MM-DiT + DiffLoss MLP
+        return list(model.decoder_blocks) + list(model.diffloss.net.res_blocks)  # MM-DiT, then DiffLoss MLP
 
     def build_frozen(self) -> None:
         self.text = common.text_encoder(self.cfg.model.text_encoder, self.device)
