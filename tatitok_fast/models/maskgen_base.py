@@ -2,6 +2,7 @@
 CUDA-graph cache, config validation and the mask-by-order dispatch."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -48,6 +49,28 @@ class _MaskGenBase(PretrainedModel):
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
         drop = (torch.rand(len(captions), 1, 1, generator=generator) < self.text_drop_prob).to(cond)
         return cond * (1 - drop) + null_c * drop, pooled * (1 - drop) + null_p * drop
+
+
+def aesthetic_scores(value, batch: int, default: float, device: torch.device, name: str) -> torch.Tensor:
+    """The aesthetic micro-condition as (batch,) fp32 on `device`. value: None (the config's
+    `default`), a number, a 0-d tensor, a (batch,) tensor or a sequence of `batch` numbers."""
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor, list, tuple)):
+        raise TypeError(f"{name}: expected None, a number, or a (B,) tensor of scores, got {type(value).__name__}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite score, got {value!r}")
+        return torch.full((batch,), float(value), device=device)
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected real scores, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name}: expected one score per sample, shape ({batch},), or a single score, "
+                         f"got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32)
 
 
 def _mask_by_order(orders, mask, mask_len, last_step):

@@ -9,15 +9,17 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from tatitok_fast import ops
+from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.diffloss import DiffLoss
 from tatitok_fast.models.graph_runner import _use_graph
 from tatitok_fast.models.layers import Linear
-from tatitok_fast.models.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config
+from tatitok_fast.models.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config, aesthetic_scores
 from tatitok_fast.models.maskgen_schedules import KLStep, _check_sampling_args, get_masking_ratio, sinusoid_interleaved
 from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
 from tatitok_fast.models.pretrained import default_text_encoder
-from tatitok_fast.models.tatitok import _kl_sample
+from tatitok_fast.ops.reference import kl_sample_ref
 from tatitok_fast.models.text_conditions import _check_captions, text_conditions
 
 
@@ -55,6 +57,8 @@ class MaskGen_KL(_MaskGenBase):
                                  num_sampling_steps=str(losses.get("num_sampling_steps", "100")),
                                  grad_checkpointing=bool(cfg_get(config, "training.grad_checkpointing", False)))
         self.initialize_weights()
+        # the reference reads this flag with OmegaConf .get on a dotted key: always False there
+        self.set_grad_checkpointing(bool(cfg_get(config, "training.grad_checkpointing", False)))
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> None:
@@ -83,7 +87,9 @@ class MaskGen_KL(_MaskGenBase):
         self.diffloss.reset_tables()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.decoder_blocks.grad_checkpointing = enable
+        """Recompute the MM-DiT blocks and DiffLoss's residual blocks in the backward pass."""
+        self.decoder_blocks.grad_checkpointing = bool(enable)
+        self.diffloss.set_grad_checkpointing(enable)
 
     # ---- conditioning ----
     def project_conditions(self, condition, condition_pooled, aes_score=None):
@@ -114,29 +120,57 @@ class MaskGen_KL(_MaskGenBase):
         """A random generation order per sample: (B, N) permutations of range(N)."""
         return torch.rand(bsz, self.seq_len, device=device, generator=generator).argsort(dim=-1)
 
-    def random_masking(self, orders: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One masking rate for the batch (arccos schedule), the first ceil(N*rate) of each order."""
-        t = torch.rand(1, generator=generator)
-        rate = get_masking_ratio(t).clamp(1e-6, 1.0)
-        num = int(math.ceil(self.seq_len * float(rate)))
+    def random_masking(self, orders: torch.Tensor, generator: torch.Generator | None = None,
+                       t: torch.Tensor | float | None = None) -> torch.Tensor:
+        """(B, N) float mask, 1 = masked: one rate for the whole batch, arccos(t) / (pi / 2)
+        with t ~ U(0, 1) (drawn on the host from `generator` unless given), masking the first
+        ceil(N * rate) positions of each sample's order."""
+        if t is None:
+            t = torch.rand(1, generator=generator, device=generator.device if generator is not None else "cpu")
+        rate = get_masking_ratio(torch.as_tensor(t, dtype=torch.float32).reshape(1).cpu()).clamp(1e-6, 1.0)
+        num = int(math.ceil(self.seq_len * float(rate)))  # host value: one static count per batch
         return _mask_by_order(orders, torch.ones_like(orders, dtype=torch.bool), num, False)[0].float()
 
+    def sample_latents(self, imgs: torch.Tensor, generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior parameters (B, 2C, 1, N) -> scale_factor * a fresh posterior sample, (B, N, C)
+        fp32. noise: optional (B, C, 1, N) standard normal noise (else drawn from `generator`)."""
+        if noise is None and not ops.use_fused("kl_sample", imgs.device):
+            b, c2, h, w = imgs.shape
+            noise = torch.randn(b, c2 // 2, h, w, device=imgs.device, generator=generator)
+        if ops.use_fused("kl_sample", imgs.device):
+            sample = ops.kl_sample(imgs, noise, False, generator)[0]
+        else:
+            sample = kl_sample_ref(imgs, noise, False)[0]
+        return self.patchify(sample * self.vae_scale_factor)
+
+    def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     generator: torch.Generator | None = None):
+        """DiffLoss over every token (B*N rows, repeated diffusion_batch_mul times), averaged over
+        the masked ones. z (B, N, D), target (B, N, C), mask (B, N) -> (loss, {"diff_loss"}).
+        The reference also passes the pooled text condition, which its DiffLoss rejects
+        (TypeError): the net has no such input, so it is dropped here."""
+        b, n, _ = target.shape
+        m = self.diffusion_batch_mul
+        return self.diffloss(target.reshape(b * n, -1).repeat(m, 1), z.reshape(b * n, -1).repeat(m, 1),
+                             mask.reshape(b * n).repeat(m), generator=generator)
+
     def forward(self, imgs, condition, condition_pooled, aes_score=None, generator: torch.Generator | None = None):
-        """Training loss. imgs: (B, 2C, 1, N) tokenizer posterior parameters (mean, logvar)."""
+        """Training loss. imgs: (B, 2C, 1, N) tokenizer posterior parameters (mean, logvar);
+        condition (B, 77, W), condition_pooled (B, 1, W) raw CLIP states; aes_score (B,).
+        generator: draws the posterior noise, the orders, the masking rate and DiffLoss's t and
+        noise (default: torch's global generators). Returns (loss, {"diff_loss": ...})."""
         b = imgs.shape[0]
         expected = (2 * self.vae_embed_dim, 1, self.seq_len)
-        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
-            raise ValueError(f"imgs: expected posterior parameters (B, {', '.join(map(str, expected))}), got "
-                             f"{tuple(imgs.shape)}")
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected or not imgs.is_floating_point():
+            raise ValueError(f"imgs: expected float posterior parameters (B, {', '.join(map(str, expected))}), got "
+                             f"{imgs.dtype} {tuple(imgs.shape)}")
         condition, condition_pooled = self.project_conditions(condition, condition_pooled, aes_score)
-        x = self.patchify(_kl_sample(imgs, False, generator)[0] * self.vae_scale_factor)  # (B, N, C)
-        target = x.detach()
-        mask = self.random_masking(self.sample_orders(b, imgs.device, generator), generator).to(imgs.device)
-        z = self.forward_mae_decoder(x, mask, condition, condition_pooled)
-        # DiffLoss over every token, weighted by the mask, repeated diffusion_batch_mul times
-        m = self.diffusion_batch_mul
-        return self.diffloss(target.reshape(b * self.seq_len, -1).repeat(m, 1),
-                             z.reshape(b * self.seq_len, -1).repeat(m, 1), mask.reshape(-1).repeat(m))
+        x = self.sample_latents(imgs, generator)  # (B, N, C)
+        orders = self.sample_orders(b, imgs.device, generator)  # (B, N)
+        mask = self.random_masking(orders, generator).to(imgs.device)  # (B, N) 1 = masked
+        z = self.forward_mae_decoder(x, mask, condition, condition_pooled)  # (B, N, D)
+        return self.forward_loss(z, x.detach(), mask, generator)
 
     # ---- sampling ----
     def sampling_schedule(self, num_iter: int, cfg: float, cfg_schedule: str) -> list[KLStep]:
@@ -189,7 +223,9 @@ class MaskGen_KL(_MaskGenBase):
         masked, CFG growing linearly with the fraction revealed (or constant), DiffLoss
         sampling (temperature on the diffusion noise) batched over every token of a step.
         progress: a progress bar over the iterations (eager path; a CUDA-graph replay is one
-        launch)."""
+        launch). aes_scores: the aesthetic micro-condition, a number, a 0-d tensor or a (B,)
+        tensor; None: the config's sample_aesthetic_score (the reference fails on None for
+        micro-conditioned models); ignored by models without micro-conditioning."""
         captions = _check_captions(list(captions) if isinstance(captions, tuple) else captions)
         if not isinstance(bsz, int) or bsz <= 0:
             raise ValueError(f"bsz: expected a positive int, got {bsz!r}")
@@ -198,11 +234,11 @@ class MaskGen_KL(_MaskGenBase):
         _check_sampling_args(num_sample_steps=num_iter, guidance_scale=cfg, randomize_temperature=temperature,
                              steps_name="num_iter", cfg_name="cfg", temperature_name="temperature")
         device = self.mask_token.device
+        aes = aesthetic_scores(aes_scores, bsz, self.sample_aesthetic_score, device, "aes_scores")
         schedule = self.sampling_schedule(num_iter, cfg, cfg_schedule)
         use_cfg = cfg != 1.0
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
                                                        default_encoder=lambda: default_text_encoder(self, device))
-        aes = torch.as_tensor(aes_scores, dtype=torch.float32, device=device).expand(bsz)
         dtype = self.mask_token.dtype
         if use_cfg:
             cond, pooled = torch.cat([cond, null_c.expand(bsz, -1, -1)]), torch.cat([pooled, null_p.expand(bsz, -1, -1)])
@@ -214,4 +250,4 @@ class MaskGen_KL(_MaskGenBase):
                                      progress)
         key = ("kl", bsz, tuple(schedule), float(temperature), use_cfg, dtype)
         return self._graphs(key, lambda c, p, o: self._sample_loop(c, p, o, schedule, temperature, use_cfg, None),
-                            [condition, condition_pooled, orders])
+                            [condition, condition_pooled, orders], module=self)

@@ -58,8 +58,9 @@ class VQStep:
     softmax_temperature: float
     gumbel_temperature: float
     confidence_temperature: float
-    mask_len: int
+    mask_len: int  # tokens re-masked after this step when no confidences tie: max(1, min(masked - 1, cap))
     last: bool
+    cap: int  # floor(L * masking ratio); with ties the reference takes min(row 0's masked - 1, cap)
 
 
 @dataclass(frozen=True)
