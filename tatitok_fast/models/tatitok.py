@@ -408,6 +408,14 @@ class TATiTok(PretrainedModel):
             ids = tokens.reshape(tokens.shape[0], -1)
             if ids.shape[1] != self.num_latent_tokens:
                 raise ValueError(f"tokens: expected {self.num_latent_tokens} tokens per image, got {ids.shape[1]}")
+            in_range = ((ids >= 0) & (ids < self.codebook_size)).all()  # 0-d bool, no host sync
+            if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not bool(in_range):
+                    bad = ids[(ids < 0) | (ids >= self.codebook_size)]
+                    raise ValueError(f"tokens: expected ids in [0, {self.codebook_size}) (the codebook), got "
+                                     f"{bad.numel()} outside it, e.g. {bad[0].item()}")
+            elif ids.device.type != "meta":  # CUDA: an asynchronous device-side assert
+                torch._assert_async(in_range, f"tokens: expected ids in [0, {self.codebook_size}) (the codebook)")
             z = self.quantize.get_codebook_entry(ids.reshape(-1).long())  # (B*N, C)
             z = z.view(ids.shape[0], 1, ids.shape[1], -1).permute(0, 3, 1, 2).contiguous()  # (B, C, 1, N)
         else:
