@@ -264,25 +264,68 @@ class CLIPTextEncoder(nn.Module):
             gc.collect()
         kwargs = {} if cache_dir is None else {"cache_dir": os.fspath(cache_dir)}
         self._init(model, open_clip.get_tokenizer(model_name, **kwargs))
+        self._spec = {"name": model_name, "pretrained": pretrained}
+        if quick_gelu != _trained_with_quick_gelu(open_clip, model_name, pretrained):
+            self._spec["quick_gelu"] = quick_gelu
         if device is not None:
             self.to(device)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "CLIPTextEncoder":
         """A random CLIP with a 64-wide, 2-layer text tower (embed_dim 64) and the real
-        ViT-L-14-336 tokenizer: for tests and quick benchmarks with
-        tatitok_fast.presets' tiny configs. No download."""
+        ViT-L-14-336 tokenizer: for tests, quick benchmarks and the demo, with
+        tatitok_fast.presets' tiny configs. The weights depend on `seed` only. No download."""
         import open_clip
         from open_clip.model import CLIP
 
         gen = torch.Generator().manual_seed(seed)
-        model = CLIP(embed_dim=64,
-                     vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-                     text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
+        # open_clip's own init draws from the global RNG (e.g. Linear biases, which the loop below
+        # only perturbs): seed it too, in a fork, so the weights depend on `seed` alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIP(embed_dim=64,
+                         vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+                         text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.05, generator=gen) if p.dim() > 1 else p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        return cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336"))
+        self = cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336"))
+        self._spec = {"name": "tiny", "seed": seed}
+        return self
+
+    # -- specs: the text encoder a checkpoint's config names (model.text_encoder) ------------
+
+    @classmethod
+    def from_spec(cls, spec: dict, *, cache_dir: str | os.PathLike | None = None,
+                  device: torch.device | str | None = None) -> "CLIPTextEncoder":
+        """Build the encoder a spec names (the `model.text_encoder` entry of a config):
+
+            {"name": "tiny", "seed": 0}                        CLIPTextEncoder.tiny(0), offline
+            {"name": "ViT-L-14-336", "pretrained": "openai"}   open_clip model + tag / file / None
+                (optional "quick_gelu": bool, as in __init__)
+        """
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(f"text encoder spec: expected a dict with a 'name' (an open_clip model or "
+                             f"'tiny'), got {spec!r}")
+        allowed = {"name", "seed"} if spec["name"] == "tiny" else {"name", "pretrained", "quick_gelu"}
+        if unknown := sorted(set(spec) - allowed):
+            raise ValueError(f"text encoder spec {spec!r}: unknown keys {unknown}; expected {sorted(allowed)}")
+        if spec["name"] == "tiny":
+            seed = spec.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"text encoder spec {spec!r}: 'seed' must be an int")
+            enc = cls.tiny(seed)
+            return enc.to(device) if device is not None else enc
+        if "pretrained" not in spec:
+            raise ValueError(f"text encoder spec {spec!r}: expected 'pretrained' (a tag, a weights file or null)")
+        return cls(spec["name"], spec["pretrained"], quick_gelu=spec.get("quick_gelu"), cache_dir=cache_dir,
+                   device=device)
+
+    @property
+    def spec(self) -> dict | None:
+        """The spec `from_spec` rebuilds this encoder from; None for a wrapped open_clip pair."""
+        spec = self.__dict__.get("_spec")
+        return dict(spec) if spec is not None else None
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, tokenizer: object) -> "CLIPTextEncoder":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Mapping, Sequence
 
 import torch
 
@@ -24,10 +25,18 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+# the reference's text tower: used when neither the flags nor a checkpoint config name one
+DEFAULT_TEXT_ENCODER = {"name": "ViT-L-14-336", "pretrained": "openai"}
+TEXT_ENCODER_KEY = "model.text_encoder"  # where a config records its text encoder (a from_spec dict)
+
+
 def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip-model", default="ViT-L-14-336", help="open_clip text tower (default: ViT-L-14-336)")
-    parser.add_argument("--clip-pretrained", default="openai",
-                        help="open_clip pretrained tag or a local weights file (default: openai)")
+    parser.add_argument("--clip-model", default=None,
+                        help="open_clip text tower (default: the one the checkpoint's config names in "
+                             f"{TEXT_ENCODER_KEY}, else {DEFAULT_TEXT_ENCODER['name']})")
+    parser.add_argument("--clip-pretrained", default=None,
+                        help="open_clip pretrained tag, a local weights file or 'none' (default: as --clip-model, "
+                             f"else {DEFAULT_TEXT_ENCODER['pretrained']})")
 
 
 def runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -60,14 +69,41 @@ def load_tokenizer(args: argparse.Namespace, device: torch.device, dtype: torch.
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_text_encoder(args: argparse.Namespace, device: torch.device):
+def text_encoder_spec(args: argparse.Namespace, sources: Sequence[tuple[str, Mapping]] = ()) -> tuple[dict, str]:
+    """(spec, where it came from) of the text encoder to use: --clip-model/--clip-pretrained
+    when given; else the first config among `sources` ((option name, config) pairs, e.g. the
+    generator's then the tokenizer's) with a model.text_encoder entry; else ViT-L-14-336/openai."""
+    from tatitok_fast.checkpoint import cfg_get
+
+    if args.clip_model is not None or args.clip_pretrained is not None:
+        pretrained = DEFAULT_TEXT_ENCODER["pretrained"] if args.clip_pretrained is None else args.clip_pretrained
+        spec = {"name": args.clip_model or DEFAULT_TEXT_ENCODER["name"],
+                "pretrained": None if pretrained in ("none", "") else pretrained}
+        return spec, f"--clip-model {spec['name']} --clip-pretrained {pretrained}"
+    found = [(option, cfg_get(config, TEXT_ENCODER_KEY)) for option, config in sources]
+    found = [(option, spec) for option, spec in found if spec is not None]
+    if not found:
+        return dict(DEFAULT_TEXT_ENCODER), "the default text encoder"
+    option, spec = found[0]
+    for other, other_spec in found[1:]:
+        if other_spec != spec:
+            print(f"tatitok-fast: warning: {option} names text encoder {spec}, {other} names {other_spec}; "
+                  f"using {option}'s", file=sys.stderr)
+    if not isinstance(spec, Mapping):
+        raise CommandError(f"{option}: config entry {TEXT_ENCODER_KEY} must be a dict such as "
+                           f"{DEFAULT_TEXT_ENCODER} or {{'name': 'tiny', 'seed': 0}}, got {spec!r}")
+    return dict(spec), f"the text encoder of {option}'s config ({TEXT_ENCODER_KEY} = {dict(spec)})"
+
+
+def load_text_encoder(args: argparse.Namespace, device: torch.device, sources: Sequence[tuple[str, Mapping]] = ()):
+    """The text encoder `text_encoder_spec` picks, built on `device`."""
     from tatitok_fast.text import CLIPTextEncoder
 
-    pretrained = None if args.clip_pretrained in ("none", "") else args.clip_pretrained
+    spec, where = text_encoder_spec(args, sources)
     try:
-        return CLIPTextEncoder(args.clip_model, pretrained, cache_dir=args.cache_dir, device=device)
-    except (RuntimeError, ValueError) as exc:
-        raise CommandError(f"--clip-model {args.clip_model} --clip-pretrained {args.clip_pretrained}: {exc}") from None
+        return CLIPTextEncoder.from_spec(spec, cache_dir=args.cache_dir, device=device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CommandError(f"{where}: {exc}") from None
 
 
 def run_command(func):

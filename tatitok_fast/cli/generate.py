@@ -82,7 +82,8 @@ def generate(args: argparse.Namespace) -> int:
         check_compatible(generator, tokenizer)
     except ValueError as exc:
         raise CommandError(f"--generator {args.generator} / --tokenizer {args.tokenizer}: {exc}") from None
-    pipe = TextToImage(generator, tokenizer, load_text_encoder(args, device))
+    text_encoder = load_text_encoder(args, device, [("--generator", generator.config), ("--tokenizer", tokenizer.config)])
+    pipe = TextToImage(generator, tokenizer, text_encoder)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # global seeding keeps the CUDA-graph path (a user generator would not)

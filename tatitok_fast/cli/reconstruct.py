@@ -51,7 +51,7 @@ def reconstruct(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args, device, dtype)
-    text_encoder = load_text_encoder(args, device)
+    text_encoder = load_text_encoder(args, device, [("--tokenizer", tokenizer.config)])
     captions = _captions(files, args.caption)
     torch.manual_seed(args.seed)
     originals, recons = [], []
