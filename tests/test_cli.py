@@ -62,60 +62,74 @@ def test_reconstruct_writes_images_and_grid(assets, tmp_path):
     assert Image.open(out / "grid.png").size[1] > 64  # originals over reconstructions
 
 
-def _read_shards(folder):
-    samples = []
-    for shard in sorted(folder.glob("tokens-*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-            samples += [members[k] for k in sorted(members)]
-    return samples
+def _read_shards(folder, **reader):
+    """Raw samples of the token shards in `folder` as the training reader sees them (bytes
+    values, no decode), and with `reader` kwargs also decoded by decode_token_sample."""
+    import webdataset as wds
+
+    from tatitok_fast.token_shards import decode_token_sample
+
+    urls = [str(p) for p in sorted(folder.glob("tokens-*.tar"))]
+    raw = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    return raw, [decode_token_sample(s, **reader) for s in raw] if reader else None
 
 
-def test_tokenize_folder_vq_matches_model(assets, tmp_path):
+def test_tokenize_folder_vq_round_trip(assets, tmp_path):
     out = tmp_path / "tok"
+    (assets / "images" / "b.json").write_text(json.dumps({"aes_score": 4.75}))  # overridden by --aes-score
     rc = main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_vq"), "-o", str(out),
                "--batch-size", "2", "--shard-size", "2", "--expect-mode", "vq", "--expect-num-tokens", "16",
-               "--device", "cpu", "--no-progress"])
+               "--aes-score", "6.5", "--device", "cpu", "--no-progress"])
+    (assets / "images" / "b.json").unlink()
     assert rc == 0
-    samples = _read_shards(out)
+    raw, samples = _read_shards(out, mode="vq", num_tokens=16, codebook_size=64)
     assert len(samples) == 3 and len(list(out.glob("tokens-*.tar"))) == 2
     model = TATiTok.from_pretrained(assets / "tok_vq")
     want = model.tokenize([assets / "images" / n for n in ("a.png", "b.jpg", "c.png")]).reshape(3, -1)
-    for s, w in zip(samples, want):
-        ids = np.frombuffer(s["token.npy"], dtype=np.int16)
-        assert ids.tolist() == w.tolist()
-        meta = json.loads(s["json"])
-        assert meta["quantize_mode"] == "vq" and meta["shape"] == [16] and meta["dtype"] == "int16"
-    assert samples[0]["txt"].decode() == "a noisy square" and samples[1]["txt"].decode() == ""
+    for s, r, w in zip(samples, raw, want):
+        assert s["tokens"].dtype == torch.int64 and s["tokens"].tolist() == w.tolist()
+        assert s["aes_score"] == 6.5 and s["__key__"] == r["__key__"]
+        assert "token.npy" not in r and np.load(io.BytesIO(r["tokens.npy"])).dtype == np.int16
+        meta = json.loads(r["json"])
+        assert (meta["mode"], meta["shape"], meta["dtype"], meta["codebook_size"]) == ("vq", [16], "int16", 64)
+        assert meta["tokenizer"] == str(assets / "tok_vq")
+    assert [s["text"] for s in samples] == ["a noisy square", "", ""]
 
 
-def test_tokenize_webdataset_shards_kl(assets, tmp_path):
-    src = tmp_path / "src-000.tar"
-    with tarfile.open(src, "w") as tar:
-        for i, name in enumerate(("a.png", "c.png")):
-            for ext, data in (("png", (assets / "images" / name).read_bytes()),
-                              ("txt", f"caption {i}".encode())):
+def _image_shard(path, images, metas):
+    with tarfile.open(path, "w") as tar:
+        for i, (img, meta) in enumerate(zip(images, metas)):
+            fields = [("png", img.read_bytes()), ("txt", f"caption {i}".encode())]
+            fields += [(ext, v if isinstance(v, bytes) else json.dumps(v).encode()) for ext, v in meta.items()]
+            for ext, data in fields:
                 info = tarfile.TarInfo(f"{i:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def test_tokenize_webdataset_shards_kl_round_trip(assets, tmp_path):
+    src = tmp_path / "src-000.tar"
+    images = [assets / "images" / "a.png", assets / "images" / "c.png"]
+    _image_shard(src, images, [{"json": {"aes_score": 5.25}, "recap_txt": b"The image shows a square"},
+                               {"json": {"aes_score": 6}}])
     out = tmp_path / "tok"
     rc = main(["tokenize", str(src), "--tokenizer", str(assets / "tok_kl"), "-o", str(out), "--device", "cpu",
                "--no-progress"])
     assert rc == 0
-    samples = _read_shards(out)
+    raw, samples = _read_shards(out, mode="vae", num_tokens=16, token_size=4)
     model = TATiTok.from_pretrained(assets / "tok_kl")
     from tatitok_fast.images import load_images
 
     with torch.no_grad():
-        params = model.encoder(load_images([assets / "images" / "a.png", assets / "images" / "c.png"], 32),
-                               model.latent_tokens)
+        params = model.encoder(load_images(images, 32), model.latent_tokens)  # (2, 8, 1, 16)
     for i, s in enumerate(samples):
-        arr = np.frombuffer(s["token.npy"], dtype=np.float16).reshape(8, 1, 16)
-        torch.testing.assert_close(torch.from_numpy(arr.astype(np.float32)), params[i], rtol=2e-3, atol=2e-3)
-        assert s["txt"].decode() == f"caption {i}"
+        assert s["tokens"].dtype == torch.float32 and torch.equal(s["tokens"], params[i])  # float32: exact
+        assert s["text"] == f"caption {i}"
+    assert [s["aes_score"] for s in samples] == [5.25, 6.0]
+    assert raw[0]["recap_txt"] == b"The image shows a square" and "recap_txt" not in raw[1]
+    from tatitok_fast.token_shards import decode_token_sample
+
+    assert decode_token_sample(raw[0], mode="vae", num_tokens=16, recap_prob=1.0)["text"] == "A square"
 
 
 def test_tokenize_errors(assets, tmp_path):
@@ -123,13 +137,13 @@ def test_tokenize_errors(assets, tmp_path):
     bad.mkdir()
     (bad / "x.png").write_bytes(b"definitely not a png")
     args = ["tokenize", str(bad), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "o"), "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", "--aes-score", "5"]
     assert main(args) == 1
     assert main(args + ["--skip-bad"]) == 0
     assert main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "p"),
-                 "--expect-num-tokens", "32", "--device", "cpu"]) == 1
+                 "--expect-num-tokens", "32", "--aes-score", "5", "--device", "cpu"]) == 1
     assert main(["tokenize", str(assets / "images"), "--tokenizer", "tatitok_bl999_vq", "-o", str(tmp_path / "q"),
-                 "--device", "cpu"]) == 1
+                 "--aes-score", "5", "--device", "cpu"]) == 1
 
 
 def test_tokenize_error_messages(assets, tmp_path, capsys):
@@ -137,11 +151,33 @@ def test_tokenize_error_messages(assets, tmp_path, capsys):
     bad.mkdir()
     (bad / "x.png").write_bytes(b"definitely not a png")
     main(["tokenize", str(bad), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "o"), "--device", "cpu",
-          "--no-progress"])
+          "--aes-score", "5", "--no-progress"])
     assert "could not read image" in capsys.readouterr().err
     main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_kl"), "-o", str(tmp_path / "o2"),
-          "--expect-mode", "vq", "--device", "cpu"])
+          "--expect-mode", "vq", "--aes-score", "5", "--device", "cpu"])
     assert "makes vae tokens, --expect-mode asks for vq" in capsys.readouterr().err
+
+
+def test_tokenize_aes_score_errors(assets, tmp_path, capsys):
+    # folders without a score: refused before the tokenizer is even looked up
+    assert main(["tokenize", str(assets / "images"), "--tokenizer", "no_such_tokenizer", "-o", str(tmp_path / "o"),
+                 "--device", "cpu"]) == 1
+    assert "has no same-name .json with an aes_score: pass --aes-score FLOAT" in capsys.readouterr().err
+    assert main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "o"),
+                 "--aes-score", "nan", "--device", "cpu"]) == 1
+    assert "--aes-score: expected a finite number" in capsys.readouterr().err
+    src = tmp_path / "src-000.tar"
+    _image_shard(src, [assets / "images" / "a.png"] * 3,
+                 [{"json": {"aes_score": 5}}, {"json": {"caption": "no score"}}, {"json": {"aes_score": "x"}}])
+    base = ["tokenize", str(src), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "s"), "--device", "cpu",
+            "--no-progress"]
+    assert main(base) == 1
+    assert "src-000.tar:0001.png has no aes_score in its json: pass --aes-score FLOAT" in capsys.readouterr().err
+    assert main(base + ["--skip-bad"]) == 1  # a malformed score is an error even with --skip-bad
+    assert "0002.png: aes_score: expected a finite number, got 'x'" in capsys.readouterr().err
+    _image_shard(src, [assets / "images" / "a.png"] * 2, [{"json": {"aes_score": 5}}, {}])
+    assert main(base + ["--skip-bad", "-o", str(tmp_path / "t")]) == 0
+    assert "wrote 1 samples to" in (out := capsys.readouterr().out) and "skipped 1 without aes_score" in out
 
 
 @pytest.mark.parametrize("gen, tok", [("gen_vq", "tok_vq"), ("gen_kl", "tok_kl")])

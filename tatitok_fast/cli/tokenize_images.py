@@ -1,12 +1,18 @@
 """`tatitok-fast tokenize INPUT... --tokenizer NAME_OR_PATH -o OUT`: images (folders of
-image files with optional same-name .txt captions, or webdataset .tar shards with a
-jpg/png/webp image and a txt or json caption) -> webdataset token shards for generator
-training.
+image files with optional same-name .txt captions and .json metadata, or webdataset .tar
+shards with a jpg/png/webp image, a txt or json caption and json metadata) -> token shards
+for generator training, in the format of `tatitok_fast.token_shards`:
 
-Each output sample holds `token.npy` (raw little-endian bytes: VQ ids as int16 (N,); KL
-posterior parameters, mean then logvar, as float16 (2C, 1, N): the layout the reference's
-pretokenized loader reads), `txt` (the caption) and `json` (tokenizer name, mode, shape,
-dtype, source key). Shards are closed as they fill, so an interrupted run keeps every
+  tokens.npy  .npy with header: VQ ids (N,) int16 (int32 above 32768 codes);
+              KL posterior parameters (2C, 1, N) float32, mean then logvar
+  txt         caption;  recap_txt: copied from the input shard when it has one
+  aes_score   aesthetic score (decimal text): --aes-score, else the input's json field
+              `aes_score` (a shard sample's json, or an image's same-name .json). A sample
+              with neither is an error (with --skip-bad: skipped and counted): MaskGen is
+              micro-conditioned on this score, and a made-up default would teach it a lie.
+  json        tokenizer name, mode, num_tokens, token_size, codebook_size, shape, dtype, source
+
+Shards (tokens-NNNNNN.tar) are closed as they fill, so an interrupted run keeps every
 finished shard.
 """
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -33,25 +40,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, help="preset name, Hub repo id or checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output folder for tokens-NNNNNN.tar shards")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per output shard")
+    p.add_argument("--aes-score", type=float, default=None,
+                   help="aesthetic score written for every sample (default: each input's json aes_score)")
     p.add_argument("--expect-mode", choices=("vq", "vae"), default=None, help="fail unless the tokenizer is this kind")
     p.add_argument("--expect-num-tokens", type=int, default=None, help="fail unless it makes this many tokens")
     p.add_argument("--expect-codebook-size", type=int, default=None, help="VQ: fail unless the codebook has K codes")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable images and samples without an aes_score instead of stopping")
     add_runtime_arguments(p)
     p.set_defaults(func=run_command(tokenize))
 
 
 # ---- inputs ------------------------------------------------------------------------------
 
-def _folder_samples(paths: list[str]) -> Iterator[tuple[str, object, str]]:
-    from tatitok_fast.images import list_image_files
+class Source(NamedTuple):
+    key: str  # where the image came from
+    image: Any  # a Path or a named BytesIO
+    caption: str
+    aes_score: Any  # the input's json aes_score (unchecked) or None
+    recap: str | None
 
-    for f in list_image_files(paths):
-        side = f.with_suffix(".txt")
-        yield str(f), f, side.read_text(encoding="utf-8").strip() if side.is_file() else ""
+
+def _read_json(data: bytes | str, where: str) -> dict:
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CommandError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
-def _shard_samples(patterns: list[str]) -> Iterator[tuple[str, object, str]]:
+def _folder_samples(files: list[Path]) -> Iterator[Source]:
+    for f in files:
+        side, meta_file = f.with_suffix(".txt"), f.with_suffix(".json")
+        meta = _read_json(meta_file.read_bytes(), str(meta_file)) if meta_file.is_file() else {}
+        caption = side.read_text(encoding="utf-8").strip() if side.is_file() else str(meta.get("caption", ""))
+        yield Source(str(f), f, caption, meta.get("aes_score"), None)
+
+
+def _shard_samples(patterns: list[str]) -> Iterator[Source]:
     import webdataset as wds
 
     urls = [u for p in patterns for u in wds.shardlists.expand_urls(p)]
@@ -60,22 +88,36 @@ def _shard_samples(patterns: list[str]) -> Iterator[tuple[str, object, str]]:
             raise CommandError(f"webdataset shard not found: {url}")
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = sample.get("__key__", "?")
+        where = f"{sample.get('__url__')}:{key}"
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
         if image_key is None:
             raise CommandError(f"sample {key} in {sample.get('__url__')} has no image ({'/'.join(IMAGE_KEYS)})")
-        caption = ""
-        if "txt" in sample:
-            caption = sample["txt"].decode("utf-8").strip()
-        elif "json" in sample:
-            meta = json.loads(sample["json"])
-            caption = str(meta.get("caption", meta.get("text", "")))
+        meta = _read_json(sample["json"], f"{where}.json") if "json" in sample else {}
+        caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else str(meta.get("caption",
+                                                                                              meta.get("text", "")))
+        aes = meta.get("aes_score", sample.get("aes_score"))
+        recap = sample["recap_txt"].decode("utf-8") if "recap_txt" in sample else None
         data = io.BytesIO(sample[image_key])
-        data.name = f"{sample.get('__url__')}:{key}.{image_key}"
-        yield data.name, data, caption
+        data.name = f"{where}.{image_key}"
+        yield Source(data.name, data, caption, aes, recap)
 
 
 def _is_shard(path: str) -> bool:
     return path.endswith(".tar") or "{" in path or path.startswith(("http://", "https://", "pipe:"))
+
+
+def _aes_score(src: Source) -> float | None:
+    """The input's score as a finite float, None when it has none; CommandError when malformed."""
+    if src.aes_score is None:
+        return None
+    value = src.aes_score.decode("utf-8") if isinstance(src.aes_score, bytes) else src.aes_score
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if isinstance(value, bool) or not math.isfinite(score):
+        raise CommandError(f"{src.key}: aes_score: expected a finite number, got {value!r}")
+    return score
 
 
 # ---- the command -------------------------------------------------------------------------
@@ -93,35 +135,57 @@ def _check_expectations(args, tokenizer) -> None:
 
 
 def _encode(tokenizer, x: torch.Tensor) -> np.ndarray:
-    """(B, 3, S, S) -> per-sample token arrays: int16 ids (B, N) or float16 params (B, 2C, 1, N)."""
+    """(B, 3, S, S) -> per-sample arrays: VQ ids (B, N) int64 or KL parameters (B, 2C, 1, N) float32."""
     if tokenizer.quantize_mode == "vq":
         ids = tokenizer.tokenize(x)  # (B, 1, N)
-        return ids.reshape(ids.shape[0], -1).to(torch.int16).cpu().numpy()
+        return ids.reshape(ids.shape[0], -1).cpu().numpy()
     z = tokenizer.encoder(x, tokenizer.latent_tokens)  # (B, 2C, 1, N) posterior parameters
-    return z.float().to(torch.float16).cpu().numpy()
+    return z.float().cpu().numpy()
+
+
+def _check_args(args: argparse.Namespace, inputs_are_shards: bool) -> list[Path]:
+    """Checks made before the tokenizer is loaded; returns the image files of folder inputs."""
+    if args.shard_size < 1:
+        raise CommandError(f"--shard-size: expected >= 1, got {args.shard_size}")
+    if args.aes_score is not None and not math.isfinite(args.aes_score):
+        raise CommandError(f"--aes-score: expected a finite number, got {args.aes_score}")
+    if inputs_are_shards:
+        return []
+    from tatitok_fast.images import list_image_files
+
+    try:
+        files = list_image_files(args.inputs)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
+    if args.aes_score is None and not args.skip_bad:
+        missing = [f for f in files if not f.with_suffix(".json").is_file()]
+        if missing:
+            raise CommandError(f"{missing[0]} (and {len(missing) - 1} more images) has no same-name .json with an "
+                               "aes_score: pass --aes-score FLOAT to give every sample that score")
+    return files
 
 
 def tokenize(args: argparse.Namespace) -> int:
     import webdataset as wds
 
     from tatitok_fast.images import load_images
+    from tatitok_fast.token_shards import encode_token_sample, shard_metadata
 
     device, dtype = runtime(args)
-    if args.shard_size < 1:
-        raise CommandError(f"--shard-size: expected >= 1, got {args.shard_size}")
     shards = [p for p in args.inputs if _is_shard(p)]
     if shards and len(shards) != len(args.inputs):
         raise CommandError("inputs: give either webdataset shards or image folders/files, not both")
+    files = _check_args(args, bool(shards))
     tokenizer = load_tokenizer(args, device, dtype)
     _check_expectations(args, tokenizer)
-    samples = _shard_samples(shards) if shards else _folder_samples(args.inputs)
+    samples = _shard_samples(shards) if shards else _folder_samples(files)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"tokenizer": args.tokenizer, "quantize_mode": tokenizer.quantize_mode,
-            "num_latent_tokens": tokenizer.num_latent_tokens, "token_size": tokenizer.token_size,
-            "codebook_size": tokenizer.codebook_size, "image_size": tokenizer.image_size,
-            "dtype": "int16" if tokenizer.quantize_mode == "vq" else "float16"}
-    written = skipped = 0
+    meta = shard_metadata(tokenizer=args.tokenizer, mode=tokenizer.quantize_mode,
+                          num_tokens=tokenizer.num_latent_tokens, token_size=tokenizer.token_size,
+                          codebook_size=tokenizer.codebook_size if tokenizer.quantize_mode == "vq" else None,
+                          image_size=tokenizer.image_size)
+    written = unreadable = no_score = 0
     bar = tqdm(desc="tokenize", unit="img", disable=not args.progress)
 
     def flush(batch):
@@ -129,28 +193,37 @@ def tokenize(args: argparse.Namespace) -> int:
         x = torch.stack([b[1] for b in batch]).to(device, dtype)
         with torch.no_grad():
             arrays = _encode(tokenizer, x)
-        for (key, _, caption), arr in zip(batch, arrays):
-            sink.write({"__key__": f"{written:09d}", "token.npy": np.ascontiguousarray(arr).tobytes(),
-                        "txt": caption, "json": json.dumps({**meta, "shape": list(arr.shape), "source": key})})
+        for (src, _, score), arr in zip(batch, arrays):
+            sink.write(encode_token_sample(f"{written:09d}", arr, src.caption, score, meta, recap_text=src.recap,
+                                           source=src.key))
             written += 1
         bar.update(len(batch))
 
     with wds.ShardWriter(str(out_dir / "tokens-%06d.tar"), maxcount=args.shard_size, verbose=0) as sink:
         batch = []
-        for key, image, caption in samples:
+        for src in samples:
+            score = args.aes_score if args.aes_score is not None else _aes_score(src)
+            if score is None:
+                if not args.skip_bad:
+                    raise CommandError(f"{src.key} has no aes_score in its json: pass --aes-score FLOAT "
+                                       "(or --skip-bad to skip such samples)")
+                no_score += 1
+                continue
             try:
-                x = load_images(image if not isinstance(image, Path) else str(image), tokenizer.image_size)[0]
+                x = load_images(src.image if not isinstance(src.image, Path) else str(src.image),
+                                tokenizer.image_size)[0]
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 if not args.skip_bad:
                     raise CommandError(f"{exc} (use --skip-bad to skip unreadable images)") from None
-                skipped += 1
+                unreadable += 1
                 continue
-            batch.append((key, x, caption))
+            batch.append((src, x, score))
             if len(batch) == args.batch_size:
                 flush(batch)
                 batch = []
         if batch:
             flush(batch)
     bar.close()
-    print(f"wrote {written} samples to {out_dir}" + (f", skipped {skipped} unreadable" if skipped else ""))
+    skipped = [f"{n} {what}" for n, what in ((unreadable, "unreadable"), (no_score, "without aes_score")) if n]
+    print(f"wrote {written} samples to {out_dir}" + (f", skipped {', '.join(skipped)}" if skipped else ""))
     return 0
