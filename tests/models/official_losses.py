@@ -1,0 +1,77 @@
+"""Builds the official loss-side modules (../shared/peer/1d-tokenizer) offline, for parity tests:
+torchvision builders patched to weights=None and LPIPS.load_pretrained to a no-op while they
+are constructed (see shared/peer/README.md), so every network has random weights that the
+tests then copy into ours."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"
+TA_TITOK_CONFIG = OFFICIAL / "configs" / "training" / "TA-TiTok" / "tatitok_bl32_vq.yaml"
+
+
+def import_official(module: str):
+    """Import `module` from the official code, or skip the test when it is not there."""
+    if not OFFICIAL.is_dir():
+        pytest.skip(f"official code not found at {OFFICIAL.resolve()}")
+    for dep in ("omegaconf", "einops", "accelerate", "torchvision"):
+        pytest.importorskip(dep)
+    if str(OFFICIAL) not in sys.path:
+        sys.path.insert(0, str(OFFICIAL))
+    import importlib
+
+    return importlib.import_module(module)
+
+
+@contextmanager
+def offline_official_builders():
+    """torchvision's vgg16 / convnext_small build with weights=None and LPIPS skips its
+    download, while official modules are constructed. (LPIPS only reads vgg16().features: the
+    stand-in skips building the 120M-parameter classifier.)"""
+    from types import SimpleNamespace
+
+    import torchvision.models as tvm
+    from torchvision.models.vgg import cfgs, make_layers
+
+    lpips = import_official("modeling.modules.lpips")
+    convnext_small = tvm.convnext_small
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tvm, "vgg16", lambda weights=None, **kw: SimpleNamespace(features=make_layers(cfgs["D"])))
+        mp.setattr(tvm, "convnext_small", lambda weights=None, **kw: convnext_small(weights=None, **kw))
+        mp.setattr(lpips.LPIPS, "load_pretrained", lambda self: None)
+        yield
+
+
+def official_loss_config(quantize_mode: str = "vq", **losses):
+    """The TA-TiTok training config (configs/training/TA-TiTok/*.yaml) with `losses` overrides."""
+    from omegaconf import OmegaConf
+
+    import_official("modeling")
+    cfg = OmegaConf.load(TA_TITOK_CONFIG)
+    cfg.model.vq_model.quantize_mode = quantize_mode
+    for k, v in losses.items():
+        cfg.losses[k] = v
+    return cfg
+
+
+def build_official_loss(quantize_mode: str = "vq", **losses):
+    """ReconstructionLoss_Single_Stage with random perceptual and discriminator weights."""
+    losses_mod = import_official("modeling.modules.losses")
+    with offline_official_builders():
+        return losses_mod.ReconstructionLoss_Single_Stage(official_loss_config(quantize_mode, **losses))
+
+
+def copy_official_perceptual(official_perceptual, ours) -> None:
+    """Copy the official PerceptualLoss's networks into ours (tatitok_fast PerceptualLoss)."""
+    if ours.lpips is not None:
+        sd = official_perceptual.lpips.state_dict()
+        # official VGG slices keep torchvision's indices: net.slice{k}.{i}.* -> features.{i}.*
+        vgg = {"features." + k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith("net.slice")}
+        ours.lpips.load_vgg16(vgg)
+        ours.lpips.load_heads(sd)
+    if ours.convnext is not None:
+        ours.convnext.load_state_dict(official_perceptual.convnext.state_dict(), strict=True)
