@@ -10,7 +10,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from tatitok_fast import ops
-from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.diffloss import DiffLoss
 from tatitok_fast.models.graph_runner import _use_graph
