@@ -47,7 +47,9 @@ class _MaskGenBase(PretrainedModel):
         """Training conditions: CLIP states, each caption replaced by "" with p=text_drop_prob."""
         captions = _check_captions(captions)
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
-        drop = (torch.rand(len(captions), 1, 1, generator=generator) < self.text_drop_prob).to(cond)
+        # (B, 1, 1), drawn on the generator's device (the CPU default generator when None)
+        where = generator.device if generator is not None else "cpu"
+        drop = (torch.rand(len(captions), 1, 1, generator=generator, device=where) < self.text_drop_prob).to(cond)
         return cond * (1 - drop) + null_c * drop, pooled * (1 - drop) + null_p * drop
 
 
