@@ -16,6 +16,7 @@ SUBCOMMANDS: list[str] = [
     "tokenize_images",
     "generate",
     "bench",
+    "demo",
 ]
 
 
