@@ -134,12 +134,12 @@ class MaskGen_KL(_MaskGenBase):
                        noise: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior parameters (B, 2C, 1, N) -> scale_factor * a fresh posterior sample, (B, N, C)
         fp32. noise: optional (B, C, 1, N) standard normal noise (else drawn from `generator`)."""
-        if noise is None and not ops.use_fused("kl_sample", imgs.device):
-            b, c2, h, w = imgs.shape
-            noise = torch.randn(b, c2 // 2, h, w, device=imgs.device, generator=generator)
-        if ops.use_fused("kl_sample", imgs.device):
+        if ops.use_fused("kl_sample", imgs.device):  # noise drawn in the kernel unless given
             sample = ops.kl_sample(imgs, noise, False, generator)[0]
         else:
+            if noise is None:  # the twin ignores generators: draw it here
+                b, c2, h, w = imgs.shape
+                noise = torch.randn(b, c2 // 2, h, w, device=imgs.device, generator=generator)
             sample = kl_sample_ref(imgs, noise, False)[0]
         return self.patchify(sample * self.vae_scale_factor)
 
