@@ -122,11 +122,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_aux(module: nn.Module, world: World) -> nn.Module:
-    """Loss-side trainable modules (the discriminator): DDP when distributed (small, replicated)."""
-    module.to(world.device)
-    if world.distributed and any(p.requires_grad for p in module.parameters()):
-        from torch.nn.parallel import DistributedDataParallel
+def average_gradients(module: nn.Module, world: World) -> None:
+    """Mean of the gradients over ranks, one coalesced all-reduce: the loss-side module (the
+    discriminator) is small and replicated, and its losses call methods other than forward,
+    which DDP's hooks would not see."""
+    if not world.distributed:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        return DistributedDataParallel(module, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
-    return module
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world.world_size
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)

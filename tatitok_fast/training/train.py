@@ -59,7 +59,7 @@ class Trainer:
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enable else None
         self.aux = self.aux_optimizer = self.aux_scheduler = None
         if loss_module is not None:
-            self.aux = parallel.wrap_aux(loss_module, world)
+            self.aux = loss_module.to(world.device)  # replicated; gradients averaged in _aux_step
             if any(p.requires_grad for p in loss_module.parameters()):
                 self.aux_optimizer = optim.build_optimizer(loss_module.named_parameters(), cfg.aux_optimizer,
                                                            recipe.no_decay, world.device)
@@ -163,6 +163,7 @@ class Trainer:
             (out.loss / accum).backward()
             for k, v in {"aux_loss": out.loss, **out.metrics}.items():
                 logged[k] = logged.get(k, 0) + torch.as_tensor(v).detach().float() / accum
+        parallel.average_gradients(self.aux, self.world)
         if self.cfg.training.max_norm > 0:
             nn.utils.clip_grad_norm_(self.aux.parameters(), self.cfg.training.max_norm)
         self.aux_optimizer.step()
