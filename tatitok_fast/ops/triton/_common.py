@@ -3,6 +3,7 @@ elsewhere; the tests also run them on CPU tensors under TRITON_INTERPRET=1 (Trit
 interpreter), which is how CI checks them without a GPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,3 +34,9 @@ def check_triton_runnable(x: torch.Tensor) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def device_guard(x: torch.Tensor):
+    """Make x's GPU the current device while launching (Triton launches on the current
+    device, which need not be the tensors'); a no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

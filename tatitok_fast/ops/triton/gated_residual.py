@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from tatitok_fast.ops.triton._common import HAS_TRITON, check_triton_runnable, next_pow2, triton_enabled
+from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
+                                             triton_enabled)
 
 if HAS_TRITON:
     import triton
@@ -26,7 +27,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(X, GATE, Y, OUT, T, D, stride_gate, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x D may pass 2^31
         b = row // T
         cols = tl.arange(0, BLOCK_D)
         m = cols < D
@@ -38,7 +39,7 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_kernel(DOUT, GATE, Y, DY, DGATE_P, T, D, stride_gate, n_chunks, ROWS: tl.constexpr,
                     BLOCK_D: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x D may pass 2^31
         chunk = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         m = cols < D
@@ -63,7 +64,8 @@ if HAS_TRITON:
         y = y.contiguous()
         out = torch.empty_like(x)
         if b * t:
-            wrap_triton(_fwd_kernel)[(b * t,)](x, gate, y, out, t, d, gate.stride(0), BLOCK_D=next_pow2(d))
+            with device_guard(x):
+                wrap_triton(_fwd_kernel)[(b * t,)](x, gate, y, out, t, d, gate.stride(0), BLOCK_D=next_pow2(d))
         return out
 
     @triton_op("tatitok_fast::gated_residual_backward", mutates_args={})
@@ -76,8 +78,9 @@ if HAS_TRITON:
         n_chunks = triton.cdiv(t, _ROWS) if t else 1
         dgate_p = torch.zeros((b, n_chunks, d), device=y.device, dtype=torch.float32)
         if b * t:
-            wrap_triton(_bwd_kernel)[(b, n_chunks)](dout, gate, y, dy, dgate_p, t, d, gate.stride(0), n_chunks,
-                                                    ROWS=_ROWS, BLOCK_D=next_pow2(d))
+            with device_guard(y):
+                wrap_triton(_bwd_kernel)[(b, n_chunks)](dout, gate, y, dy, dgate_p, t, d, gate.stride(0),
+                                                        n_chunks, ROWS=_ROWS, BLOCK_D=next_pow2(d))
         return dy, dgate_p.sum(1).to(gate.dtype)
 
     def _setup_context(ctx, inputs, output):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from tatitok_fast.ops.triton._common import HAS_TRITON, check_triton_runnable, next_pow2, triton_enabled
+from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
+                                             triton_enabled)
 
 if HAS_TRITON:
     import triton
@@ -28,7 +29,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, T, D, stride_shift, stride_scale, eps, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x D may pass 2^31
         b = row // T
         cols = tl.arange(0, BLOCK_D)
         m = cols < D
@@ -46,7 +47,7 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_kernel(X, DY, SCALE, MEAN, RSTD, DX, DSHIFT_P, DSCALE_P, T, D, stride_scale, n_chunks,
                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x D may pass 2^31
         chunk = tl.program_id(1)
         cols = tl.arange(0, BLOCK_D)
         m = cols < D
@@ -82,8 +83,9 @@ if HAS_TRITON:
         mean = torch.empty(b * t, device=x.device, dtype=torch.float32)
         rstd = torch.empty(b * t, device=x.device, dtype=torch.float32)
         if b * t:
-            wrap_triton(_fwd_kernel)[(b * t,)](x, shift, scale, y, mean, rstd, t, d, shift.stride(0),
-                                               scale.stride(0), eps, BLOCK_D=next_pow2(d))
+            with device_guard(x):
+                wrap_triton(_fwd_kernel)[(b * t,)](x, shift, scale, y, mean, rstd, t, d, shift.stride(0),
+                                                   scale.stride(0), eps, BLOCK_D=next_pow2(d))
         return y, mean, rstd
 
     @triton_op("tatitok_fast::layernorm_modulate_backward", mutates_args={})
@@ -97,8 +99,9 @@ if HAS_TRITON:
         dshift_p = torch.zeros((b, n_chunks, d), device=x.device, dtype=torch.float32)
         dscale_p = torch.zeros((b, n_chunks, d), device=x.device, dtype=torch.float32)
         if b * t:
-            wrap_triton(_bwd_kernel)[(b, n_chunks)](x, dy, scale, mean, rstd, dx, dshift_p, dscale_p, t, d,
-                                                    scale.stride(0), n_chunks, ROWS=_ROWS, BLOCK_D=next_pow2(d))
+            with device_guard(x):
+                wrap_triton(_bwd_kernel)[(b, n_chunks)](x, dy, scale, mean, rstd, dx, dshift_p, dscale_p, t, d,
+                                                        scale.stride(0), n_chunks, ROWS=_ROWS, BLOCK_D=next_pow2(d))
         return dx, dshift_p.sum(1).to(scale.dtype), dscale_p.sum(1).to(scale.dtype)
 
     def _setup_context(ctx, inputs, output):
