@@ -5,7 +5,8 @@ detect(image) finds the coloured objects on a white background:
      pale blend with white), cleaned by a 3x3 opening (thin JPEG / blur fringes, speckle
      noise) and hole filling;
   2. connected components (4-connected) of at least MIN_AREA pixels (at 64 px, scaled
-     with the image area);
+     with the image area) and at most MAX_EXTENT of the image's width and height (the
+     largest demo shape spans 34/64: anything larger is a non-white background);
   3. colour: median colour of the component's eroded core, nearest palette colour by the
      distance to the segment white -> palette colour (a colour blended with white is still
      that colour);
@@ -31,6 +32,7 @@ __all__ = ["detect", "score", "SHAPE_PROTOTYPES"]
 
 FOREGROUND = 80  # darkest channel must be below 255 - FOREGROUND
 MIN_AREA = 30  # pixels at 64 x 64 (the smallest demo shape has ~100)
+MAX_EXTENT = 0.8  # a component wider or taller than this fraction of the image is background, not a shape
 # (fill ratio, mean corner-block fill) of each shape, measured on exact renders
 SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {"circle": (0.79, 0.21), "square": (1.0, 1.0),
                                                     "triangle": (0.52, 0.39)}
@@ -115,7 +117,7 @@ def detect(image) -> list[dict]:
     for k, sl in enumerate(nd.find_objects(labels), start=1):
         comp = labels[sl] == k
         area = int(comp.sum())
-        if area < min_area:
+        if area < min_area or comp.shape[0] > MAX_EXTENT * h or comp.shape[1] > MAX_EXTENT * w:
             continue
         core = nd.binary_erosion(comp, structure=np.ones((3, 3), bool))
         pick = core if core.sum() >= 0.2 * area else comp

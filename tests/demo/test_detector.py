@@ -66,9 +66,9 @@ def test_score_counts_colour_and_shape_per_prompt_object():
                          {"color": "yellow", "shape": "circle", "bbox": [44, 44, 55, 55]}])
     s = detector.score([big], [{"objects": [{"color": "green", "shape": "triangle", "position": "center"}]}])
     assert (s["color_acc"], s["shape_acc"], s["count_acc"]) == (1.0, 1.0, 0.0)
-    # nothing drawn: nothing found, every object wrong
-    blank = Image.new("RGB", (64, 64), (255, 255, 255))
-    s = detector.score([blank, blank], ["a red circle", "an orange square on the left and a red circle on the right"])
+    # nothing drawn (white, or a dark background that is no shape): nothing found, every object wrong
+    blank, dark = Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (150, 10, 10))
+    s = detector.score([blank, dark], ["a red circle", "an orange square on the left and a red circle on the right"])
     assert (s["color_acc"], s["shape_acc"], s["count_acc"], s["num_objects"]) == (0.0, 0.0, 0.0, 3)
 
 
