@@ -89,3 +89,103 @@ def gumbel_noise(shape, device=None, generator: torch.Generator | None = None) -
     """Standard Gumbel noise drawn as the reference does: -log(-log(u)), u ~ U[0, 1)."""
     u = torch.rand(shape, device=device, generator=generator)
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
+# ---------------------------------------------------------------------------------------
+# vq_nearest_code as the CUDA tensor-core kernel computes it: approximate scores from
+# low-precision products, a few candidates per row, an exact re-check, and an exact search
+# for the rows where the approximation cannot rule out a code it dropped.
+
+# Input rounding of the approximate products: TF32 (the CUDA kernel's wmma path; 2^-10
+# covers round-to-nearest and truncation of fp32 inputs) or bfloat16 (to test larger errors).
+MMA_INPUT_UNIT = {"tf32": 2.0 ** -10, "bf16": 2.0 ** -8}
+
+
+def round_mantissa(x: torch.Tensor, approx: str) -> torch.Tensor:
+    """fp32 -> the values a tensor-core product sees: TF32 (10 mantissa bits, nearest, ties
+    away as cvt.rna.tf32.f32) or bfloat16 (nearest even), returned as fp32."""
+    if approx == "bf16":
+        return x.bfloat16().float()
+    if approx != "tf32":
+        raise ValueError(f"approx: expected 'tf32' or 'bf16', got {approx!r}")
+    bits = x.float().contiguous().view(torch.int32)
+    finite = torch.isfinite(x)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # add half an ulp of tf32, drop 13 bits
+    return torch.where(finite, rounded, x.float())
+
+
+def mma_score_error_bound(z_norm: torch.Tensor, e_norm_max_sq: float, d: int, u_in: float) -> torch.Tensor:
+    """Per row, a bound on |approximate score - real score| where score_k = ||e_k||^2 - 2 z.e_k
+    and the approximate one is fl(en_k - 2 * acc) with en_k the fp32 sum of squares and acc
+    the low-precision dot product accumulated in fp32 in any order:
+      |en_k - ||e_k||^2|   <= g32 * ||e||^2                          (fp32 sum of D squares)
+      |acc - z.e_k|        <= (u_in (2 + u_in) + g_acc (1 + u_in)^2) ||z|| ||e_k||
+                              (inputs rounded with unit u_in; products accumulated with unit
+                              2^-21, four times fp32's, as tensor cores may truncate)
+      subtraction          <= 2^-24 (||e||^2 + 2 (1 + u_in)^2 ||z|| ||e||)
+    with sum |z_i e_i| <= ||z|| ||e|| and ||e_k|| <= max_k ||e_k||; times 1.25 for slack.
+    The CUDA kernel computes the same expression (csrc/cuda/vq_nearest_code.cu)."""
+    u32 = 2.0 ** -24
+    g32 = d * u32 / (1 - d * u32)
+    g_acc = d * 2.0 ** -21 / (1 - d * 2.0 ** -21)
+    e_max = e_norm_max_sq ** 0.5
+    zn = z_norm.double()
+    dot_err = (u_in * (2 + u_in) + g_acc * (1 + u_in) ** 2) * zn * e_max
+    sub_err = u32 * (e_norm_max_sq + 2 * (1 + u_in) ** 2 * zn * e_max)
+    return 1.25 * (g32 * e_norm_max_sq + 2 * dot_err + sub_err)
+
+
+def vq_nearest_code_mma_ref(z: torch.Tensor, codebook: torch.Tensor, l2_normalize: bool = False,
+                            num_candidates: int = 4, approx: str = "tf32", return_fallback: bool = False):
+    """The tensor-core kernel's algorithm in PyTorch: (N, D), (K, D) -> indices (N,) int64
+    (the nearest code, ties to the lowest index), distances (N,) fp32.
+
+    1. approximate scores s~ = en - 2 * (round(z) @ round(e)^T) in fp32, en = ||e||^2 (fp32);
+    2. the `num_candidates` smallest s~ per row (ties to the lower index) are re-checked
+       exactly: ||z - e_c||^2 in float64; the best wins, ties to the lower index;
+    3. T = the smallest s~ of the codes left out. A left-out code k has real distance
+       ||z||^2 + s_k >= ||z||^2 + T - bound (mma_score_error_bound), so when that exceeds
+       the best candidate's distance no left-out code can win or tie and the row is done;
+       otherwise the row is searched exactly over all K codes (float64).
+    The result is the exact nearest code by float64 distance whatever the rounding.
+    return_fallback: also return the (N,) bool mask of rows that needed the exact search."""
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates: expected >= 1, got {num_candidates}")
+    z = z.float()
+    e = codebook.float()
+    if l2_normalize:
+        z = F.normalize(z, dim=-1)
+        e = F.normalize(e, dim=-1)
+    n, d = z.shape
+    k = e.shape[0]
+    if approx not in MMA_INPUT_UNIT:
+        raise ValueError(f"approx: expected 'tf32' or 'bf16', got {approx!r}")
+    # inputs the rounding keeps exactly (bf16 in both, fp16 in tf32) add no input error
+    fits = not l2_normalize and (codebook.dtype == torch.bfloat16 or (approx == "tf32" and codebook.dtype == torch.float16))
+    u_in = 0.0 if fits else MMA_INPUT_UNIT[approx]
+    en = (e * e).sum(1)  # (K,) fp32
+    approx_scores = en[None] - 2 * (round_mantissa(z, approx) @ round_mantissa(e, approx).T)  # (N, K)
+    m = min(num_candidates, k)
+    order = torch.sort(approx_scores, dim=1, stable=True).indices  # ties: lower index first
+    cand = order[:, :m].sort(dim=1).values  # (N, m), increasing index: argmin's first = lowest
+    left_out = (approx_scores.gather(1, order[:, m:m + 1]).squeeze(1) if k > m
+                else torch.full((n,), float("inf")))  # (N,) the smallest s~ left out
+    z64, e64 = z.double(), e.double()
+    cand_dist = ((z64[:, None, :] - e64[cand]) ** 2).sum(-1)  # (N, m)
+    best_pos = cand_dist.argmin(dim=1)
+    best_dist = cand_dist.gather(1, best_pos[:, None]).squeeze(1)
+    idx = cand.gather(1, best_pos[:, None]).squeeze(1)
+    zz = (z64 ** 2).sum(1)
+    bound = mma_score_error_bound(zz.sqrt(), float(en.max()), d, u_in)
+    lhs = left_out.double() + zz - bound
+    # no code left out (K <= candidates), or none of them can reach the best candidate
+    safe = (lhs > best_dist + 1e-12 * (zz + left_out.double().abs() + best_dist)) | (k <= m)
+    unsafe = ~safe  # includes NaN rows
+    if bool(unsafe.any()):
+        full = ((z64[unsafe][:, None, :] - e64[None]) ** 2).sum(-1)  # (n_unsafe, K)
+        idx = idx.clone()
+        idx[unsafe] = full.argmin(dim=1)
+        best_dist = best_dist.clone()
+        best_dist[unsafe] = full.gather(1, idx[unsafe][:, None]).squeeze(1)
+    out = (idx, best_dist.float())
+    return out + (unsafe,) if return_fallback else out
