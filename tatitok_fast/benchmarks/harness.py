@@ -1,8 +1,9 @@
 """The one benchmark harness: timing, peak extra memory, provenance and result rendering.
 
-Every suite (ops now; tokenizer and generation later) times its callables with `measure`,
-records one `Measurement` per (case, implementation) and hands a `Report` to the CLI, which
-prints it as a text table and writes markdown / JSON on request.
+Every suite (ops, tokenizer, generate) builds its timed callables once; the CLI
+(`tatitok-fast bench SUITE`) times them with `measure`, records one `Measurement` per
+(case, implementation) and prints a `Report` (text table, markdown / JSON on request), and
+benchmarks/test_*.py hands the same callables to pytest-benchmark (`pytest_benchmark_fn`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -17,11 +19,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-IMPLS = ("tatitok_fast", "reference")
+# tatitok_fast: ours; reference: ours on the PyTorch twins (reference_mode) or an op's twin;
+# official: the official implementation (bytedance/1d-tokenizer)
+IMPLS = ("tatitok_fast", "reference", "official")
 _MIB = float(1 << 20)
 
 
@@ -32,7 +36,8 @@ _MIB = float(1 << 20)
 class Measurement:
     """One timed (case, implementation) pair. Times in milliseconds, memory in MiB.
 
-    `speedup` is reference median / this median (set on the tatitok_fast row of a pair);
+    `speedup` is the baseline row's median / this median, `baseline` names that row
+    ("official fp32 eager", "reference", ...);
     the throughput fields are filled where the suite knows the work done: `gbps` (bytes
     read + written per second), `pct_of_peak` (gbps as % of a device-to-device copy measured
     in the same run), `tflops`, `items_per_s` (the suite says what an item is).
@@ -49,10 +54,12 @@ class Measurement:
     peak_extra_mb: float | None
     variant: str = ""
     speedup: float | None = None
+    baseline: str = ""
     gbps: float | None = None
     pct_of_peak: float | None = None
     tflops: float | None = None
     items_per_s: float | None = None
+    timer: str = ""
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -62,12 +69,15 @@ class Measurement:
 @dataclass
 class Timing:
     """What `measure` returns: median and interquartile range of one call (ms), the number
-    of calls timed, and the peak extra memory of one call (bytes; None when not measured)."""
+    of calls timed, the peak extra memory of one call (bytes; None when not measured) and
+    how it was timed (`timer`: "" for the default timer of the device, "cuda graph xN" for
+    graph replays, with the reason when a requested graph could not be captured)."""
 
     median_ms: float
     iqr_ms: float
     runs: int
     peak_extra_bytes: int | None
+    timer: str = ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,6 +125,48 @@ def _time_cuda(fn: Callable[[], Any], device: torch.device, min_run_time: float,
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     q = statistics.quantiles(times, n=4)
     return statistics.median(times), q[2] - q[0], n
+
+
+def _time_cuda_graph(fn: Callable[[], Any], device: torch.device, min_run_time: float,
+                     calls: int) -> tuple[float, float, int]:
+    """`calls` calls of fn captured in one CUDA graph; CUDA events around each replay, per-call
+    time = replay time / calls. For µs-scale kernels, where eager timing measures the host's
+    launch overhead rather than the kernel (and the sampling loops run as graphs anyway).
+    Inputs stay in L2 between calls (no flush inside a graph). Raises RuntimeError when fn
+    cannot be captured (a host sync, a CPU tensor, an uncapturable RNG)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # warm up off the default stream: lazy init, Triton compile, allocator
+        for _ in range(3):
+            fn()
+    current.wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()  # each result is dropped at once: its block is reused by the next call in the graph pool
+    graph.replay()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    est_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    n = min(2_000, max(10, int(1e3 * min_run_time / est_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize(device)
+    times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
+    q = statistics.quantiles(times, n=4)
+    del graph
+    return statistics.median(times), q[2] - q[0], n * calls
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,7 +239,7 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | str) -> int:
 
 
 def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: float = 1.0,
-            memory: bool = True, flush_l2: bool = True) -> Timing:
+            memory: bool = True, flush_l2: bool = True, cuda_graph: int = 0) -> Timing:
     """Time `fn()` (no arguments; inputs captured in its closure) and measure its peak extra
     memory.
 
@@ -201,14 +253,29 @@ def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: 
         min_run_time: seconds spent in timed calls (roughly, on CUDA).
         memory: also measure the peak extra memory of one call (profiler on CPU, the
             caching allocator's peak counter on CUDA).
+        cuda_graph: on CUDA, capture this many calls in one CUDA graph and time its replays
+            (per call = replay / cuda_graph); 0 = per-call events. Ignored on CPU. When fn
+            cannot be captured, falls back to per-call events and says why in Timing.timer.
     """
     device = torch.device(device)
     if not min_run_time > 0:
         raise ValueError(f"min_run_time: expected > 0 seconds, got {min_run_time}")
+    if isinstance(cuda_graph, bool) or not isinstance(cuda_graph, int) or cuda_graph < 0:
+        raise ValueError(f"cuda_graph: expected a number of calls >= 0, got {cuda_graph!r}")
+    timer = ""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {device} requested but CUDA is not available")
-        median, iqr, runs = _time_cuda(fn, device, min_run_time, flush_l2)
+        median = None
+        if cuda_graph:
+            try:
+                median, iqr, runs = _time_cuda_graph(fn, device, min_run_time, cuda_graph)
+                timer = f"cuda graph x{cuda_graph}"
+            except RuntimeError as e:  # not capturable: time it eagerly, and say so
+                torch.cuda.synchronize(device)
+                timer = f"events (graph capture failed: {str(e).splitlines()[0][:80]})"
+        if median is None:
+            median, iqr, runs = _time_cuda(fn, device, min_run_time, flush_l2)
     elif device.type == "cpu":
         t0 = time.perf_counter()
         fn()
@@ -217,7 +284,63 @@ def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: 
     else:
         raise ValueError(f"device: expected a cpu or cuda device, got {device}")
     peak = peak_extra_bytes(fn, device) if memory else None
-    return Timing(median_ms=median, iqr_ms=iqr, runs=runs, peak_extra_bytes=peak)
+    return Timing(median_ms=median, iqr_ms=iqr, runs=runs, peak_extra_bytes=peak, timer=timer)
+
+
+def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: torch.device | str, min_run_time: float = 1.0,
+                        memory: bool = True, max_rounds: int = 20) -> list[Timing]:
+    """Time several implementations of the same work against each other.
+
+    CPU: one warm-up call each, then rounds that call every fn in turn (fn0, fn1, ..., fn0,
+    fn1, ...), so that load from other processes on a shared machine hits all of them alike
+    rather than whichever was timed last; median and IQR over the rounds. A round calls each
+    fn enough times to last ~10 ms; rounds: enough for the slowest fn to run `min_run_time`
+    seconds, at least 3 and at most `max_rounds`. CUDA: `measure` per fn (the GPU is not
+    shared), in the same order.
+    """
+    device = torch.device(device)
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time: expected > 0 seconds, got {min_run_time}")
+    if device.type == "cuda":
+        return [measure(fn, device=device, min_run_time=min_run_time, memory=memory) for fn in fns]
+    if device.type != "cpu":
+        raise ValueError(f"device: expected a cpu or cuda device, got {device}")
+    est = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        est.append(max(time.perf_counter() - t0, 1e-6))
+    number = [max(1, math.ceil(0.01 / e)) for e in est]
+    rounds = min(max_rounds, max(3, math.ceil(min_run_time / max(n * e for n, e in zip(number, est)))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(number[i]):
+                fn()
+            times[i].append((time.perf_counter() - t0) / number[i] * 1e3)
+    out = []
+    for fn, ts, n in zip(fns, times, number):
+        q = statistics.quantiles(ts, n=4)
+        peak = peak_extra_bytes(fn, device) if memory else None
+        out.append(Timing(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], runs=len(ts) * n,
+                          peak_extra_bytes=peak, timer=f"interleaved x{len(ts)}"))
+    return out
+
+
+def pytest_benchmark_fn(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+    """`fn` for pytest-benchmark's host timer: on CUDA each call ends with a synchronize, so
+    the time is the GPU's, not the launch's."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return synced
 
 
 def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30, min_run_time: float = 0.5) -> float:
@@ -314,10 +437,12 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("IQR ms", "iqr_ms", "{:.2g}"),
     ("peak extra MiB", "peak_extra_mb", "{:.4g}"),
     ("speedup", "speedup", "{:.2f}x"),
+    ("vs", "baseline", "{}"),
     ("GB/s", "gbps", "{:.1f}"),
     ("% peak", "pct_of_peak", "{:.0f}%"),
     ("TFLOP/s", "tflops", "{:.3g}"),
     ("items/s", "items_per_s", "{:.3g}"),
+    ("timer", "timer", "{}"),
 ]
 
 
@@ -331,12 +456,13 @@ class Report:
 
     def _columns(self) -> list[tuple[str, str, str]]:
         # throughput columns only when some row has them
-        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s"}
-        return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) is not None for r in self.rows)]
+        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer"}
+        return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) not in (None, "") for r in self.rows)]
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
         cols = self._columns()
-        cells = [[("-" if getattr(r, a) is None else f.format(getattr(r, a))) for _, a, f in cols] for r in self.rows]
+        cells = [[("-" if getattr(r, a) in (None, "") else f.format(getattr(r, a))) for _, a, f in cols]
+                 for r in self.rows]
         return [t for t, _, _ in cols], cells
 
     def _header_lines(self) -> list[str]:
@@ -344,7 +470,8 @@ class Report:
         names = "; ".join(f"{d}: {n}" for d, n in h.get("device_names", {}).items())
         return [f"commit {h.get('commit')} | torch {h.get('torch')} | {names} | "
                 f"CPU threads {h.get('cpu_threads')} | load {h.get('load_avg_1m')}"
-                + (f" -> {h['load_avg_1m_end']}" if "load_avg_1m_end" in h else "") + f" | {h.get('date')}"]
+                + (f" -> {h['load_avg_1m_end']}" if "load_avg_1m_end" in h else "") + f" | {h.get('date')}"
+                + (f" | official: {h['official']}" if h.get("official") else "")]
 
     def text(self) -> str:
         """Fixed-width table, provenance line above, notes below."""

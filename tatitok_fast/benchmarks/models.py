@@ -1,24 +1,159 @@
-"""Shared pieces of the model benchmarks (tokenizer.py, generate.py): images/s of the fast
-path next to the plain eager fp32 path (the PyTorch twin of every kernel, textbook attention,
-no CUDA graph) on the same weights and inputs; random weights unless a checkpoint is given.
-The fast path is the model cast to --fast-dtype (default bf16 on CUDA, fp32 on CPU)."""
+"""Shared pieces of the model benchmarks (tokenizer.py, generate.py).
+
+Every case is timed in up to five variants on the same weights and inputs:
+
+    official  fp32 eager        the official code (bytedance/1d-tokenizer) as its README runs it
+    official  autocast <dtype>  the same under torch.autocast(device, <fast dtype>)
+    ours      fp32              tatitok_fast in fp32 (fused ops, SDPA)
+    ours      fast              tatitok_fast cast to --fast-dtype (default bf16)
+    reference reference_mode    ours in fp32 on the PyTorch twins of every kernel (an extra)
+
+Speed-ups are against the official rows of the same precision: fp32 vs official fp32 eager,
+fast vs official autocast. Without an official checkout (--official) they fall back to the
+reference_mode row and every row says which baseline it was divided by.
+
+A suite builds its cases with `ModelCase`s (which run the agreement checks of official.py
+first); `case_rows` times them for the CLI and benchmarks/test_*.py times the very same
+closures with pytest-benchmark.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from tatitok_fast import presets
-from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure, run_header, to_mib
+from tatitok_fast.benchmarks.harness import (Measurement, Report, load_average, measure_interleaved, run_header,
+                                             to_mib)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# variant key -> (impl, label); the label is the `variant` column (dtype filled in for autocast/fast)
+VARIANTS = {
+    "official_fp32": ("official", "fp32 eager"),
+    "official_autocast": ("official", "autocast {dtype}"),
+    "fp32": ("tatitok_fast", "fp32"),
+    "fast": ("tatitok_fast", "fast {dtype}"),
+    "reference_mode": ("reference", "reference_mode fp32 (extra)"),
+}
+# which row each variant's speed-up is divided by, in order of preference
+BASELINES = {"fp32": ("official_fp32", "reference_mode"), "fast": ("official_autocast", "reference_mode")}
 
-def fast_dtype_for(args, device: str) -> torch.dtype:
-    if args.fast_dtype:
-        return DTYPES[args.fast_dtype]
-    return torch.bfloat16 if device == "cuda" else torch.float32
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the tokenizer and generate suites."""
+    parser.add_argument("--official", metavar="PATH", default=None,
+                        help="checkout of bytedance/1d-tokenizer: time the official code on the same weights and "
+                             "inputs (fp32 eager and autocast) and compute speed-ups against it")
+    parser.add_argument("--fast-dtype", choices=sorted(DTYPES), default="bf16",
+                        help="dtype of our fast path and of the official autocast rows (default bf16)")
+    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), metavar="V[,V...]",
+                        help=f"variants to time (default all): {', '.join(VARIANTS)}")
+    parser.add_argument("--min-run-time", type=float, default=None, metavar="S",
+                        help="seconds of timed calls per row (default 2, 0.05 with --quick)")
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; expected a "
+                                         f"comma-separated list of: {', '.join(VARIANTS)}")
+    return [v for v in VARIANTS if v in names]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Argument checks shared by the model suites, before anything is built."""
+    if args.min_run_time is not None and not args.min_run_time > 0:
+        raise ValueError(f"--min-run-time: expected seconds > 0, got {args.min_run_time}")
+    if any(v.startswith("official") for v in args.variants) and args.official is None:
+        args.variants = [v for v in args.variants if not v.startswith("official")]
+    if args.official is not None:
+        from tatitok_fast.benchmarks.official import check_checkout
+
+        check_checkout(args.official)
+
+
+@dataclass
+class Variant:
+    """One timed implementation of a case: `fn()` runs it on inputs captured in its closure."""
+
+    key: str  # a VARIANTS key
+    dtype: torch.dtype
+    fn: Callable[[], Any]
+
+    @property
+    def impl(self) -> str:
+        return VARIANTS[self.key][0]
+
+    def label(self) -> str:
+        return VARIANTS[self.key][1].format(dtype=dtype_name(self.dtype))
+
+
+@dataclass
+class ModelCase:
+    """A case (encode, decode, generate, ...) and its variants, built and checked."""
+
+    suite: str
+    case: str
+    shapes: str
+    items: int  # images per call
+    variants: list[Variant] = field(default_factory=list)
+
+    def add(self, key: str, dtype: torch.dtype, fn: Callable[[], Any]) -> None:
+        if key not in VARIANTS:
+            raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {key!r}")
+        self.variants.append(Variant(key, dtype, fn))
+
+    def baseline_of(self, key: str) -> Variant | None:
+        present = {v.key: v for v in self.variants}
+        for b in BASELINES.get(key, ()):
+            if b in present:
+                return present[b]
+        return None
+
+
+def make_case(suite: str, case: str, shapes: str, items: int, variants: dict[str, tuple[torch.dtype, dict]],
+              keys: list[str]) -> ModelCase:
+    """A ModelCase with the variants of `keys` that `variants` (key -> (dtype, {case: fn}))
+    has, in VARIANTS order, each fn run under torch.no_grad()."""
+    out = ModelCase(suite, case, shapes, items)
+    for key in VARIANTS:
+        if key in keys and key in variants:
+            dtype, fns = variants[key]
+            out.add(key, dtype, torch.no_grad()(fns[case]))
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fast_dtype(args) -> torch.dtype:
+    return DTYPES[args.fast_dtype]
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """torch.autocast(device, dtype): how an informed user runs the official code in low
+    precision (a no-op context for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
 
 
 def build_model(cls, name_or_path: str | None, config: dict, device: str):
@@ -30,26 +165,52 @@ def build_model(cls, name_or_path: str | None, config: dict, device: str):
         return cls(config).eval().requires_grad_(False)
 
 
-def pair_rows(suite, case, device, shapes, batch, fast_fn, eager_fn, fast_dtype, quick) -> list[Measurement]:
-    rows = []
-    for impl, fn, dtype in (("tatitok_fast", fast_fn, fast_dtype), ("reference", eager_fn, torch.float32)):
-        t = measure(fn, device=device, min_run_time=0.05 if quick else 2.0, memory=quick or device == "cuda")
-        rows.append(Measurement(suite=suite, case=case, impl=impl, device=device,
-                                dtype=str(dtype).removeprefix("torch."), shapes=shapes, median_ms=t.median_ms,
-                                iqr_ms=t.iqr_ms, peak_extra_mb=to_mib(t.peak_extra_bytes),
-                                variant="fast" if impl == "tatitok_fast" else "eager fp32",
-                                items_per_s=batch / (t.median_ms * 1e-3)))
-    rows[0].speedup = rows[1].median_ms / rows[0].median_ms
-    return rows
+def min_run_time(args) -> float:
+    if args.min_run_time is not None:
+        return args.min_run_time
+    return 0.05 if args.quick else 2.0
 
 
-def model_report(kind: str, rows_fn, args, devices) -> Report:
-    """Rows of `rows_fn(args, device)` for every device, with the run header and notes."""
+def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
+    """Time every variant of `case` with the harness; speed-ups against its baseline row."""
+    rows: dict[str, Measurement] = {}
+    timings = measure_interleaved([v.fn for v in case.variants], device=device, min_run_time=min_run_time(args),
+                                  memory=args.quick or device == "cuda")
+    for v, t in zip(case.variants, timings):
+        rows[v.key] = Measurement(suite=case.suite, case=case.case, impl=v.impl, device=device,
+                                  dtype=dtype_name(v.dtype), shapes=case.shapes, median_ms=t.median_ms,
+                                  iqr_ms=t.iqr_ms, peak_extra_mb=to_mib(t.peak_extra_bytes), variant=v.label(),
+                                  items_per_s=case.items / (t.median_ms * 1e-3), timer=t.timer)
+    for v in case.variants:
+        base = case.baseline_of(v.key)
+        if base is not None:
+            rows[v.key].speedup = rows[base.key].median_ms / rows[v.key].median_ms
+            rows[v.key].baseline = f"{base.impl} {base.label()}"
+    return list(rows.values())
+
+
+def model_report(kind: str, cases_fn, args, devices) -> Report:
+    """Rows of every case of `cases_fn(args, device)` on every device, with the run header
+    and notes."""
+    check_model_args(args)
     report = Report(header=run_header(list(devices)))
-    for device in tqdm(devices, desc=f"bench {kind}", unit="device", disable=not args.progress, file=sys.stderr):
-        report.rows += rows_fn(args, device)
-    report.notes.append("reference = the same model in fp32 with the PyTorch twin of every kernel, textbook "
-                        "attention, no CUDA graph; items/s are images per second; random weights unless a "
-                        "checkpoint is given")
+    if args.official:
+        from tatitok_fast.benchmarks.official import check_checkout
+
+        report.header["official"] = str(check_checkout(args.official))
+    for device in devices:
+        cases = cases_fn(args, device, report.notes)
+        plan = [(c, v) for c in cases for v in c.variants]
+        with tqdm(total=len(plan), desc=f"bench {kind} ({device})", unit="row", disable=not args.progress,
+                  file=sys.stderr) as bar:
+            for case in cases:
+                report.rows += case_rows(case, device, args)
+                bar.update(len(case.variants))
+    if not args.official:
+        report.notes.append("no --official checkout given: speed-ups are against our reference_mode fp32 row, "
+                            "not the official code")
+    report.notes.append("official = bytedance/1d-tokenizer on the same weights and inputs (agreement checked "
+                        "before timing); reference_mode = ours in fp32 on the PyTorch twin of every kernel; "
+                        "items/s are images per second; random weights unless a checkpoint is given")
     report.header["load_avg_1m_end"] = load_average()
     return report

@@ -32,6 +32,7 @@ from tatitok_fast.ops.triton import gated_residual_ref, layernorm_modulate_ref
 from tatitok_fast.ops.triton._common import HAS_TRITON
 
 SUITE = "ops"
+GRAPH_CALLS = 20  # calls per CUDA graph for launch-bound cases
 Fn = Callable[[], Any]
 
 
@@ -39,7 +40,9 @@ Fn = Callable[[], Any]
 class OpCase:
     """One benchmark case: `build(device)` makes the inputs and returns the (ours, reference)
     closures over them. `nbytes` (read + written), `flops` and `items` give the throughput
-    columns; `memory_bound` picks GB/s vs peak on CUDA."""
+    columns; `memory_bound` picks GB/s vs peak on CUDA; `launch_bound` cases (µs-scale kernels)
+    are timed on CUDA as replays of a CUDA graph of GRAPH_CALLS calls, so that the host's
+    launch overhead is not what is measured (both implementations alike)."""
 
     op: str
     variant: str
@@ -50,6 +53,7 @@ class OpCase:
     flops: int | None = None
     items: int | None = None
     memory_bound: bool = True
+    launch_bound: bool = False
 
 
 def _esize(dtype: torch.dtype) -> int:
@@ -93,7 +97,7 @@ def kl_cases(quick: bool) -> list[OpCase]:
     # read parameters; write sample, mean, std (B, C, H, W) and kl (B, W), all fp32
     nbytes = 4 * (b * c2 * h * w + 3 * out + b * w)
     return [OpCase("kl_sample", "noise in-kernel", torch.float32, f"parameters({b},{c2},{h},{w})", build,
-                   nbytes=nbytes, items=out)]
+                   nbytes=nbytes, items=out, launch_bound=True)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,7 +153,8 @@ def _mask_by_order_case(b: int, seq: int) -> OpCase:
                 lambda: R.mask_by_order_ref(orders, mask, mask_len, False))
 
     nbytes = b * seq * (8 + 1 + 2)  # int64 orders and bool mask read; two bool masks written
-    return OpCase("mask_by_order", "", torch.int64, f"orders({b},{seq})", build, nbytes=nbytes, items=b * seq)
+    return OpCase("mask_by_order", "", torch.int64, f"orders({b},{seq})", build, nbytes=nbytes, items=b * seq,
+                  launch_bound=True)
 
 
 def mask_by_order_cases(quick: bool) -> list[OpCase]:
@@ -178,7 +183,7 @@ def layernorm_modulate_cases(quick: bool) -> list[OpCase]:
     es = _esize(dtype)
     nbytes = 2 * b * t * d * es + 2 * b * d * es  # x read, y written, shift + scale read
     return [OpCase("layernorm_modulate", "", dtype, f"x({b},{t},{d}) shift,scale({b},{d})", build,
-                   nbytes=nbytes, items=b * t)]
+                   nbytes=nbytes, items=b * t, launch_bound=True)]
 
 
 def gated_residual_cases(quick: bool) -> list[OpCase]:
@@ -194,7 +199,7 @@ def gated_residual_cases(quick: bool) -> list[OpCase]:
     es = _esize(dtype)
     nbytes = 3 * b * t * d * es + b * d * es  # x, y read, out written, gate read
     return [OpCase("gated_residual", "", dtype, f"x,y({b},{t},{d}) gate({b},{d})", build,
-                   nbytes=nbytes, items=b * t)]
+                   nbytes=nbytes, items=b * t, launch_bound=True)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +247,8 @@ def _rows(case: OpCase, device: str, quick: bool, copy_gbps: float | None) -> li
     min_run_time = 0.02 if quick else 1.0
     rows = []
     for impl, fn in (("tatitok_fast", ours), ("reference", reference)):
-        t = measure(fn, device=device, min_run_time=min_run_time)
+        t = measure(fn, device=device, min_run_time=min_run_time,
+                    cuda_graph=GRAPH_CALLS if case.launch_bound and device == "cuda" else 0)
         sec = t.median_ms * 1e-3
         gbps = case.nbytes / sec / 1e9 if case.nbytes and device == "cuda" and case.memory_bound else None
         rows.append(Measurement(
@@ -251,8 +257,9 @@ def _rows(case: OpCase, device: str, quick: bool, copy_gbps: float | None) -> li
             variant=case.variant, gbps=gbps,
             pct_of_peak=100 * gbps / copy_gbps if gbps is not None and copy_gbps else None,
             tflops=case.flops / sec / 1e12 if case.flops else None,
-            items_per_s=case.items / sec if case.items else None))
+            items_per_s=case.items / sec if case.items else None, timer=t.timer))
     rows[0].speedup = rows[1].median_ms / rows[0].median_ms
+    rows[0].baseline = "reference"
     return rows
 
 
@@ -299,11 +306,12 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
 
 def script_main(ops: Sequence[str], argv: Sequence[str] | None = None) -> int:
     """Entry of benchmarks/ops/bench_<op>.py: these ops only, same flags as the CLI."""
-    from tatitok_fast.cli.bench import add_common_arguments, emit, resolve_devices
+    from tatitok_fast.cli.bench import add_common_arguments, apply_threads, emit, resolve_devices
 
     parser = argparse.ArgumentParser(description=f"Benchmark {', '.join(ops)} against the reference path.")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    apply_threads(args, parser)
     report = run_ops(list(ops), resolve_devices(args.device, parser), quick=args.quick, progress=args.progress)
     emit(report, args)
     return 0

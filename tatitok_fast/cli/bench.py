@@ -1,8 +1,9 @@
 """`tatitok-fast bench SUITE`: run a benchmark suite, print its table, optionally write
 JSON / markdown.
 
-A suite is a module exposing `add_arguments(parser)` (its own options) and
-`run(args, devices) -> harness.Report`; SUITES maps the command-line name to the module,
+A suite is a module exposing `add_arguments(parser)` (its own options),
+`run(args, devices) -> harness.Report` and optionally `check_args(args)` (ValueError -> a usage
+error before anything is built); SUITES maps the command-line name to the module,
 so adding a suite is one line.
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     parser.add_argument("--markdown", metavar="PATH", default=None, help="also write the table as markdown")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice); recorded in the header")
 
 
 def resolve_devices(choice: str | None, parser: argparse.ArgumentParser) -> list[str]:
@@ -49,6 +52,17 @@ def resolve_devices(choice: str | None, parser: argparse.ArgumentParser) -> list
     return ["cpu", "cuda"] if choice == "all" else [choice]
 
 
+def apply_threads(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--threads N -> torch.set_num_threads(N) (usage error when N < 1)."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def emit(report: Report, args: argparse.Namespace) -> None:
     """Print the report's table; write --json / --markdown files when given."""
     print(report.text())
@@ -62,6 +76,13 @@ def emit(report: Report, args: argparse.Namespace) -> None:
 
 def _run_suite(suite: ModuleType, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     devices = resolve_devices(args.device, parser)
+    apply_threads(args, parser)
+    check = getattr(suite, "check_args", None)  # a suite's cross-argument checks, before any model is built
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as e:
+            parser.error(str(e))
     emit(suite.run(args, devices), args)
     return 0
 
