@@ -162,8 +162,8 @@ class MaskGen_KL(_MaskGenBase):
         b = imgs.shape[0]
         expected = (2 * self.vae_embed_dim, 1, self.seq_len)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected or not imgs.is_floating_point():
-            raise ValueError(f"imgs: expected float posterior parameters (B, {', '.join(map(str, expected))}), got "
-                             f"{imgs.dtype} {tuple(imgs.shape)}")
+            raise ValueError(f"imgs: expected posterior parameters (B, {', '.join(map(str, expected))}) as floats, "
+                             f"got {imgs.dtype} {tuple(imgs.shape)}")
         condition, condition_pooled = self.project_conditions(condition, condition_pooled, aes_score)
         x = self.sample_latents(imgs, generator)  # (B, N, C)
         orders = self.sample_orders(b, imgs.device, generator)  # (B, N)

@@ -96,7 +96,7 @@ def test_maskgen_kl_forward_is_seeded_by_generator():
     b = model(*inputs, generator=torch.Generator().manual_seed(5))[0]
     c = model(*inputs, generator=torch.Generator().manual_seed(6))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match=r"imgs: expected float posterior parameters \(B, 8, 1, 16\)"):
+    with pytest.raises(ValueError, match=r"imgs: expected posterior parameters \(B, 8, 1, 16\) as floats, got torch.float32 \(3, 4, 1, 16\)"):
         model(inputs[0][:, :4], *inputs[1:])
 
 
