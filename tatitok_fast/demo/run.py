@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from tatitok_fast.demo import detector, report, shapes
 
-__all__ = ["DemoError", "Plan", "PLANS", "TEXT_ENCODER", "run_demo", "prepare_out_dir", "make_data",
+__all__ = ["DemoError", "Plan", "PLANS", "TEXT_ENCODER", "run_demo", "prepare_out_dir", "make_data", "test_prompts",
            "evaluate_tokenizer", "tokenize_data", "generate_and_score", "write_outputs"]
 
 TEXT_ENCODER = {"name": "tiny", "seed": 0}
@@ -57,13 +57,14 @@ class Plan:
     image_size: int = 64
     shard_size: int = 1000
     detector_check_images: int = 200  # ground-truth renders the detector is checked on
+    prompts_per_split: int = 0  # test prompts per split (evenly spaced); 0 = all (28 seen, 8 held-out)
 
 
 PLANS = {
     "full": Plan(train_images=8000, eval_images=64, samples_per_prompt=2, tokenizer_steps=1500,
                  generator_steps=1500),
     "quick": Plan(train_images=512, eval_images=16, samples_per_prompt=1, tokenizer_steps=20,
-                  generator_steps=20, detector_check_images=50),
+                  generator_steps=20, detector_check_images=50, prompts_per_split=6),
 }
 
 
@@ -141,6 +142,22 @@ def tokenize_data(shards: list[Path], tokenizer_dir: Path, tokens_dir: Path, *, 
     return sorted(tokens_dir.glob("tokens-*.tar"))
 
 
+def test_prompts(plan: Plan) -> dict:
+    """{"seen": [...], "held_out": [...]}: shapes.test_prompts, cut to plan.prompts_per_split
+    evenly spaced ones (so a cut still mixes one- and two-object prompts)."""
+    out = {}
+    for split in ("seen", "held_out"):
+        prompts = shapes.test_prompts(split)
+        n = plan.prompts_per_split
+        if 0 < n < len(prompts):
+            prompts = [prompts[round(i * (len(prompts) - 1) / (n - 1))] for i in range(n)] if n > 1 else prompts[:1]
+        out[split] = prompts
+    return out
+
+
+test_prompts.__test__ = False  # not a pytest test
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)[:60]
 
@@ -152,8 +169,8 @@ def generate_and_score(generators: dict, tokenizer, text_encoder, plan: Plan, se
     """Images for the test prompts from each generator ({"trained": g, "untrained": g0}),
     scored by the detector.
 
-    prompts: {split: [{"caption", "objects"}]} (default: shapes.test_prompts of "seen" and
-        "held_out"). `plan.samples_per_prompt` images per prompt, sampling seeded by `seed`.
+    prompts: {split: [{"caption", "objects"}]} (default: test_prompts(plan)).
+        `plan.samples_per_prompt` images per prompt, sampling seeded by `seed`.
     Returns (adherence {generator: {split: score}}, images {generator: {split: [(caption, [PIL])]}});
     writes the images to samples_dir/<generator>/<split>/ when given."""
     from tatitok_fast.images import to_pil
@@ -164,7 +181,7 @@ def generate_and_score(generators: dict, tokenizer, text_encoder, plan: Plan, se
     for name, gen in generators.items():
         pipe = TextToImage(gen, tokenizer, text_encoder)
         adherence[name], images[name] = {}, {}
-        for split, split_prompts in (prompts or {s: shapes.test_prompts(s) for s in ("seen", "held_out")}).items():
+        for split, split_prompts in (prompts or test_prompts(plan)).items():
             captions = [p["caption"] for p in split_prompts for _ in range(plan.samples_per_prompt)]
             rng = torch.Generator(device=tokenizer.latent_tokens.device).manual_seed(seed)
             out = []

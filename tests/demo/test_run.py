@@ -45,6 +45,14 @@ def test_unwritable_or_bad_dir_fails_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_quick_plan_keeps_a_mix_of_prompts():
+    full, quick = run.test_prompts(run.PLANS["full"]), run.test_prompts(run.PLANS["quick"])
+    assert full == {s: shapes.test_prompts(s) for s in ("seen", "held_out")}
+    for split in ("seen", "held_out"):
+        assert len(quick[split]) == 6 and quick[split][0] == full[split][0] and quick[split][-1] == full[split][-1]
+        assert {len(p["objects"]) for p in quick[split]} == {1, 2}
+
+
 # ---------------------------------------------------------------------------------------
 # Stages on tiny random models
 
