@@ -15,6 +15,7 @@ SUBCOMMANDS: list[str] = [
     "reconstruct",
     "tokenize_images",
     "generate",
+    "eval",
     "bench",
     "demo",
 ]
