@@ -14,6 +14,7 @@ from typing import Sequence
 SUBCOMMANDS: list[str] = [
     "reconstruct",
     "tokenize_images",
+    "train",
     "generate",
     "eval",
     "bench",
@@ -33,5 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default sys.argv[1:]) and run the chosen command; returns the exit
     status. Bad arguments raise SystemExit(2) with argparse's message."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):  # only `train` takes free --section.key options
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return int(args.func(args) or 0)

@@ -21,6 +21,7 @@ SUITES: dict[str, str] = {
     "ops": "tatitok_fast.benchmarks.ops",
     "tokenizer": "tatitok_fast.benchmarks.tokenizer",
     "generate": "tatitok_fast.benchmarks.generate",
+    "train": "tatitok_fast.benchmarks.train",
 }
 
 DEVICE_CHOICES = ("cpu", "cuda", "all")

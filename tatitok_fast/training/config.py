@@ -57,6 +57,8 @@ class Model:
 @dataclass
 class Training:
     steps: int = opt(1000, "optimizer steps to train for")
+    stop_after: int = opt(0, "stop this run at this step (checkpointing it) although the schedule spans "
+                             "training.steps; a later run resumes (time-limited jobs); 0 = run to the end")
     local_batch_size: int = opt(32, "samples per process per micro-batch")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
     max_norm: float = opt(1.0, "gradient clipping norm (0 = off)")

@@ -174,18 +174,19 @@ class Trainer:
     # ---- the loop ----
     def train(self) -> None:
         cfg, total = self.cfg, self.cfg.training.steps
+        stop = min(total, cfg.training.stop_after or total)
         it = iter(self.loader)
         window: dict[str, float] = {}
         n = 0
-        while self.step < total:
+        while self.step < stop:
             logged = self.train_step(it)
             self.step += 1
             self.metrics.advance()
             for k, v in logged.items():
                 window[k] = window.get(k, 0.0) + v
             n += 1
-            last = self.step == total
-            if self.step % cfg.metrics.log_freq == 0 or last:
+            last, stopping = self.step == total, self.step == stop
+            if self.step % cfg.metrics.log_freq == 0 or stopping:
                 values = parallel.all_reduce_mean({k: v / n for k, v in window.items()}, self.world)
                 values.update({f"data/{k}": float(v) for k, v in self.position.totals().items()})
                 self.metrics.log(self.step, values)
@@ -194,7 +195,7 @@ class Trainer:
                 self._log_samples()
             if cfg.eval.interval and (self.step % cfg.eval.interval == 0 or last):
                 self._evaluate()
-            if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or last):
+            if cfg.checkpoint.enable and (self.step % cfg.checkpoint.interval == 0 or stopping):
                 self.save_checkpoint()
             if (cfg.checkpoint.export_interval and self.step % cfg.checkpoint.export_interval == 0) or last:
                 self.export()

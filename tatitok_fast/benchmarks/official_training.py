@@ -1,0 +1,123 @@
+"""The official training step (bytedance/1d-tokenizer, imported from a checkout) on our
+benchmark case's config, weights and batch: model forward + its loss module, backward, grad
+clipping, AdamW, under autocast fp16 with a GradScaler on CUDA (its configs'
+`mixed_precision: fp16`), autocast bf16 on CPU.
+
+Patches for running it at all (peer/README.md, TRAINING.md §0): MaskGen-KL's forward passes
+`text_condition` to a DiffLoss that rejects it (dropped here), and draws its orders with a
+hard-coded `.cuda()` (replaced on CPU); the loss module's pretrained perceptual networks are
+built with random weights (the same compute) so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from tatitok_fast.benchmarks.official import import_official, official_model
+
+
+@contextlib.contextmanager
+def _offline_perceptual():
+    """torchvision builders with weights=None and LPIPS without its download, while the
+    official loss module is constructed."""
+    import torchvision.models as tvm
+    from torchvision.models.vgg import cfgs, make_layers
+
+    lpips = sys.modules["modeling.modules.lpips"]
+    saved = tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained
+    convnext_small = tvm.convnext_small
+    tvm.vgg16 = lambda weights=None, **kw: SimpleNamespace(features=make_layers(cfgs["D"]))
+    tvm.convnext_small = lambda weights=None, **kw: convnext_small(weights=None, **kw)
+    lpips.LPIPS.load_pretrained = lambda self: None
+    try:
+        yield
+    finally:
+        tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained = saved
+
+
+def _config(case, **losses):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(case.model.config)
+    cfg.losses = {**cfg.get("losses", {}), **losses}
+    return cfg
+
+
+def _tokenizer_loss(case, root):
+    from omegaconf import OmegaConf
+
+    import modeling.modules.lpips  # noqa: F401  (patched while the loss is built)
+    from modeling.modules.losses import ReconstructionLoss_Single_Stage
+
+    base = OmegaConf.load(root / "configs" / "training" / "TA-TiTok" / "tatitok_bl32_vq.yaml")
+    cfg = OmegaConf.merge(base, OmegaConf.create({"model": case.model.config["model"]}))
+    ours = case.cfg.loss
+    cfg.losses.discriminator_start = ours.discriminator_start
+    cfg.losses.perceptual_loss = ours.perceptual_loss
+    with _offline_perceptual():
+        return ReconstructionLoss_Single_Stage(cfg)
+
+
+def step_fn(case, path: str):
+    off = import_official(path)
+    dev, b = case.device, case.batch
+    kind = case.cfg.job.recipe
+    cls = off.TATiTok if kind == "tatitok" else (off.MaskGen_KL if case.recipe.mode == "vae" else off.MaskGen_VQ)
+    model = official_model(cls, case.model).train().requires_grad_(True)
+    loss_module = None
+    if kind == "tatitok":
+        loss_module = _tokenizer_loss(case, off.root).to(dev).train()
+    elif case.recipe.mode == "vq":
+        from modeling.modules.losses import MLMLoss
+
+        loss_module = MLMLoss(_config(case, label_smoothing=case.cfg.loss.label_smoothing,
+                                      loss_weight_unmasked_token=case.cfg.loss.unmasked_weight))
+    else:
+        diffloss = model.diffloss
+        plain = type(diffloss).forward
+        diffloss.forward = lambda target, z, mask=None, text_condition=None: plain(diffloss, target, z, mask)
+        if dev.type != "cuda":
+            n = model.seq_len
+            model.sample_orders = lambda bsz: torch.rand(bsz, n).argsort(-1).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=case.cfg.optimizer.lr, betas=tuple(case.cfg.optimizer.betas),
+                            weight_decay=case.cfg.optimizer.weight_decay)
+    d_opt = (torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr)
+             if kind == "tatitok" else None)
+    cuda = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    amp = dict(device_type=dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
+
+    def backward_step(loss, params, optimizer):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        (scaler.step(optimizer) if scaler is not None else optimizer.step())
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        with torch.autocast(**amp):
+            if kind == "tatitok":
+                recon, extra = model(b["image"], b["guidance"])
+                loss, _ = loss_module(b["image"], recon, extra, 1, mode="generator")
+            elif case.recipe.mode == "vq":
+                logits, masks = model(b["tokens"], b["condition"], b["condition_pooled"], b["aes_score"])
+                loss, _ = loss_module(logits, b["tokens"], masks)
+            else:
+                loss, _ = model(b["tokens"], b["condition"], b["condition_pooled"], b["aes_score"])
+        backward_step(loss, model.parameters(), opt)
+        if kind == "tatitok":
+            with torch.autocast(**amp):
+                d_loss, _ = loss_module(b["image"], recon, extra, 1, mode="discriminator")
+            backward_step(d_loss, loss_module.parameters(), d_opt)
+        return loss.detach()
+
+    return step

@@ -1,0 +1,167 @@
+"""Training step rate: one optimizer step (forward, loss, backward, clip, AdamW) of a recipe,
+ours in bf16, FP8 through torchao and Transformer Engine (where installed), and the official
+training step (model + its loss, autocast fp16 + GradScaler on CUDA as its configs run,
+autocast bf16 on CPU) on the same config, weights and batch, in the same run.
+
+Inputs are synthetic tensors of the real shapes: token ids / posterior parameters / images,
+and CLIP conditions of the right size (the frozen text tower and data loading are outside
+the timed step, for both sides). images/s = batch / step time; MFU from the recipe's FLOPs
+per sample and the GPU's dense bf16 peak; peak extra memory of one step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure, run_header, to_mib
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "training" / "recipes"
+BACKENDS = ("bf16", "torchao", "te")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="maskgen_vq_xl_stage1",
+                        help="a recipe in training/recipes (name) or a TOML path (quick: a tiny recipe)")
+    parser.add_argument("--batch", type=int, default=None, help="per-step batch (default: the recipe's)")
+    parser.add_argument("--backends", default="bf16,torchao,te", help=f"ours: comma-separated of {BACKENDS}")
+    parser.add_argument("--official", default=None, metavar="PATH",
+                        help="a checkout of bytedance/1d-tokenizer: also time its training step")
+
+
+def _recipe_path(name: str, quick: bool) -> Path:
+    if quick and not name.endswith(".toml") and "tiny" not in name:
+        name = "tatitok_vq_tiny" if name.startswith("tatitok") else ("maskgen_kl_tiny" if "_kl" in name
+                                                                       else "maskgen_vq_tiny")
+    path = Path(name) if name.endswith(".toml") else RECIPE_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise SystemExit(f"--recipe: {name} is not a recipe in {RECIPE_DIR} or a TOML file")
+    return path
+
+
+class Step:
+    """One recipe's model, loss and synthetic batch on a device, for timing."""
+
+    def __init__(self, path: Path, device: str, batch: int | None, quick: bool):
+        from tatitok_fast.training.config import load_config
+        from tatitok_fast.training.spec import recipe_class
+
+        over = ["--data.shards", "synthetic.tar", "--training.device", device]
+        if batch:
+            over += ["--training.local_batch_size", str(batch)]
+        cfg = load_config(path, over)
+        if cfg.job.recipe == "tatitok":  # timing: every term on, no weight files needed
+            cfg.loss.discriminator_start, cfg.loss.perceptual_weights = 0, "random"
+        self.cfg, self.device = cfg, torch.device(device)
+        self.recipe = recipe_class(cfg.job.recipe)(cfg, self.device)
+        torch.manual_seed(0)
+        self.model = self.recipe.build_model()
+        self.loss_module = self.recipe.build_loss()
+        self.batch_size = cfg.training.local_batch_size
+        self.batch = self._synthetic_batch()
+
+    def _synthetic_batch(self) -> dict:
+        g = torch.Generator().manual_seed(0)
+        b, dev, r = self.batch_size, self.device, self.recipe
+        width = self.model.config["model"]["vq_model"].get("text_embed_dim", 768)
+        if self.cfg.job.recipe == "tatitok":
+            s = self.model.image_size
+            return {"image": torch.rand(b, 3, s, s, generator=g).to(dev),
+                    "guidance": torch.randn(b, 77, width, generator=g).to(dev)}
+        out = {"condition": torch.randn(b, 77, width, generator=g).to(dev),
+               "condition_pooled": torch.randn(b, 1, width, generator=g).to(dev),
+               "aes_score": torch.full((b,), 6.0, device=dev), "text_dropped": torch.zeros(b, device=dev)}
+        if r.mode == "vq":
+            out["tokens"] = torch.randint(0, r.codebook_size, (b, r.num_tokens), generator=g).to(dev)
+            out["masks"] = r._vq_masks(list(range(b)), r.num_tokens).to(dev)
+        else:
+            c = r.token_size
+            out["tokens"] = torch.cat([torch.randn(b, c, 1, r.num_tokens, generator=g),
+                                       torch.full((b, c, 1, r.num_tokens), -2.0)], 1).to(dev)
+        return out
+
+    def ours(self, backend: str):
+        """A step closure of our model for `backend` (bf16 autocast; FP8 projections)."""
+        from tatitok_fast.training import fp8, optim
+
+        model = copy.deepcopy(self.model)
+        ctx = contextlib.nullcontext
+        if backend != "bf16":
+            fp8_cfg = copy.deepcopy(self.cfg.fp8)
+            fp8_cfg.backend, fp8_cfg.emulate = backend, self.device.type != "cuda"
+            _, ctx = fp8.apply_fp8(model, fp8_cfg, False, self.device)
+        model.to(self.device).train()
+        aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
+        if aux is not None:
+            self.recipe.loss_module = aux
+        opt = optim.build_optimizer(model.named_parameters(), self.cfg.optimizer, self.recipe.no_decay, self.device)
+        aux_opt = (optim.build_optimizer(aux.named_parameters(), self.cfg.aux_optimizer, self.recipe.no_decay,
+                                         self.device) if aux is not None else None)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16), ctx():
+                out = self.recipe.forward_loss(model, self.batch, 1)
+            out.loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if aux is not None:
+                aux_opt.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    d = self.recipe.aux_loss(aux, self.batch, out.extras, 1)
+                if d is not None:
+                    d.loss.backward()
+                    aux_opt.step()
+            return out.loss.detach()
+
+        return step
+
+    def official(self, path: str):
+        """The official training step on the same config, weights and batch."""
+        from tatitok_fast.benchmarks import official_training
+
+        return official_training.step_fn(self, path)
+
+
+def run(args: argparse.Namespace, devices: list[str]) -> Report:
+    report = Report(header=run_header(list(devices)))
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        raise SystemExit(f"--backends: expected a comma-separated list of {BACKENDS}, got {bad}")
+    path = _recipe_path(args.recipe, args.quick)
+    for device in devices:
+        case = Step(path, device, args.batch or (4 if args.quick else None), args.quick)
+        flops = case.recipe.flops_per_sample(case.model)
+        shapes = f"{path.stem} B={case.batch_size}"
+        fns = []
+        for backend in backends:
+            try:
+                fns.append(("tatitok_fast", backend, case.ours(backend)))
+            except Exception as exc:  # FP8 backend missing here: say why, keep the other rows
+                report.notes.append(f"{device} {backend}: not run ({type(exc).__name__}: {exc})")
+        if args.official:
+            fns.append(("official", "fp16 + GradScaler" if device == "cuda" else "autocast bf16",
+                        case.official(args.official)))
+        rows = []
+        for impl, variant, fn in fns:
+            t = measure(fn, device=device, min_run_time=0.2 if args.quick else 3.0, memory=True, flush_l2=False)
+            ips = case.batch_size / (t.median_ms * 1e-3)
+            rows.append(Measurement(suite="train", case="train step", impl=impl, device=device, dtype=variant,
+                                    shapes=shapes, median_ms=t.median_ms, iqr_ms=t.iqr_ms,
+                                    peak_extra_mb=to_mib(t.peak_extra_bytes), variant=variant, items_per_s=ips,
+                                    tflops=flops * ips / 1e12 if flops else None))
+        base = next((r for r in rows if r.impl == "official"), None)
+        for r in rows:
+            if base is not None and r is not base:
+                r.speedup = base.median_ms / r.median_ms
+        report.rows += rows
+    report.notes.append("speedup = official step time / ours; TFLOP/s from the recipe's FLOPs per sample "
+                        "(MFU = that / the GPU's dense bf16 peak); items/s = images per second; synthetic batch, "
+                        "frozen text tower and data loading outside the step")
+    report.header["load_avg_1m_end"] = load_average()
+    return report
