@@ -41,10 +41,11 @@ _PALETTE = np.array([COLORS[c] for c in COLORS], dtype=np.float64)  # (C, 3)
 _NAMES = list(COLORS)
 
 
-def _ndimage():
+def require_scipy():
+    """scipy.ndimage, or an ImportError saying how to get it (scipy is in the test/eval extras)."""
     try:
         from scipy import ndimage
-    except ImportError as exc:  # scipy is in the test/eval extras
+    except ImportError as exc:
         raise ImportError("the demo's detector needs scipy: pip install scipy") from exc
     return ndimage
 
@@ -105,7 +106,7 @@ def _half_level_mask(nd, deficit: np.ndarray, comp: np.ndarray, inside: float) -
 def detect(image) -> list[dict]:
     """Objects in one image, largest first: [{"color", "shape", "position" ("left"/"right"),
     "bbox" [x0, y0, x1, y1] inclusive, "center" [x, y], "area"}]."""
-    nd = _ndimage()
+    nd = require_scipy()
     rgb = _as_array(image)
     h, w = rgb.shape[:2]
     deficit = 255.0 - rgb.min(axis=2)  # 0 on white, ~200+ inside a palette colour

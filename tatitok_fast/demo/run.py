@@ -275,6 +275,10 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, force: bool = Fals
     """Run every stage into `out_dir`; returns the results written to report.json."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DemoError(f"--seed: expected an int >= 0, got {seed!r}")
+    try:
+        detector.require_scipy()
+    except ImportError as exc:
+        raise DemoError(str(exc)) from None
     out = prepare_out_dir(out_dir, force)
     progress = sys.stderr.isatty() if progress is None else progress
     plan = PLANS["quick" if quick else "full"]
