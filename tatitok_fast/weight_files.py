@@ -29,7 +29,7 @@ class WeightsFile:
     env: str
     option: str  # the option naming a local path, for the error message
     md5: str | None = None
-    extra_locations: tuple[str, ...] = field(default=())  # other places to look (may use $VARS)
+    extra_locations: tuple[str, ...] = field(default=())  # other places: may use $VARS and {hub} (torch hub dir)
 
     def cache_path(self) -> Path:
         import torch
@@ -61,16 +61,17 @@ def resolve_weights_file(spec: WeightsFile, path: str | os.PathLike | None = Non
         return _check(spec, Path(path).expanduser(), spec.option)
     if os.environ.get(spec.env):
         return _check(spec, Path(os.environ[spec.env]).expanduser(), f"${spec.env}")
+    import torch
+
     cache = spec.cache_path()
-    candidates = [cache] + [Path(os.path.expandvars(p)).expanduser() for p in spec.extra_locations]
+    extra = [os.path.expandvars(p.format(hub=torch.hub.get_dir())) for p in spec.extra_locations]
+    candidates = [cache] + [Path(p).expanduser() for p in extra if "$" not in p]  # unset variables: skipped
     for c in candidates:
         if c.is_file():
             return _check(spec, c, "the cache")
     failure = "downloads are off"
     if download:
         try:
-            import torch
-
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(spec.url, str(cache), progress=False)
             return _check(spec, cache, "the download")

@@ -22,8 +22,7 @@ INCEPTION_FILE = WeightsFile(
     "InceptionV3 FID weights (pt_inception-2015-12-05)", "weights-inception-2015-12-05-6726825d.pth",
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
     "TATITOK_FAST_INCEPTION_WEIGHTS", "--inception-weights",
-    extra_locations=("$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth",
-                     "~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"))
+    extra_locations=("{hub}/checkpoints/pt_inception-2015-12-05-6726825d.pth",))  # pytorch-fid's name
 POOL_DIM, NUM_CLASSES = 2048, 1008
 RANDOM_SEED = 0
 RANDOM_INPUT_SIZE = 75  # weights="random" only
