@@ -222,6 +222,32 @@ def test_caption_dropout_is_binomial_and_keeps_aesthetic_score(cls, mode, text_e
     assert not torch.allclose(rows[0], rows[1])
 
 
+@pytest.mark.parametrize("cls, mode", [(MaskGen_VQ, "vq"), (MaskGen_KL, "vae")])
+def test_caption_dropout_matches_reference(cls, mode, text_encoder, monkeypatch):
+    """The reference's preprocess_condition ("" encoded with the batch, one uniform per
+    caption from the global stream) and ours drop the same captions and give the same states."""
+    import open_clip
+
+    maskgen = import_official("modeling.maskgen")
+    tgp = open_clip.transformer.text_global_pool  # open_clip >= 3 returns one value (peer/README.md)
+    monkeypatch.setattr(maskgen, "text_global_pool", lambda x, text=None, pool_type="argmax": (tgp(x, text, pool_type), x))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # the KL version's .cuda()
+    cfg = tiny_generator_config(mode)
+    torch.manual_seed(0)
+    ours = cls(cfg)
+    ref = getattr(maskgen, cls.__name__)(official_config(cfg))
+    captions = [f"a photo of thing {i}" for i in range(48)]
+    torch.manual_seed(3)
+    want = ref.preprocess_condition(list(captions), text_encoder.tokenizer, text_encoder.model)
+    torch.manual_seed(3)
+    got = ours.preprocess_condition(captions, text_encoder=text_encoder)
+    null = text_encoder.empty_prompt(1).pooled
+    dropped = (got[1] == null).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < len(captions)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # Masking ratios: arccos schedule, t ~ U(0, 1): P(ratio <= x) = 1 - cos(pi x / 2)
 
