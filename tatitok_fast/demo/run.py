@@ -211,21 +211,46 @@ def write_outputs(out: Path, results: dict, images: dict, recon_pairs: list, *, 
 
 
 # ---------------------------------------------------------------------------------------
-# Stages that need the training engine (filled in by the engine's owner)
+# Training stages: the training engine with the demo recipes (training/recipes/demo_*.toml),
+# exactly as `tatitok-fast train --config ...` runs them
 
-def _train_tokenizer(plan: Plan, shards: list[Path], run_dir: Path, seed: int) -> Path:
-    """TODO(engine): train a tiny TA-TiTok VQ on `shards` with
-    tatitok_fast.training.train.main(["--config", <tokenizer recipe>, "--job.dump_folder", str(run_dir),
-    "--training.steps", str(plan.tokenizer_steps), "--training.seed", str(seed),
-    "--model.text_encoder", json.dumps(TEXT_ENCODER), "--data.shards", ...]); return the run
-    folder's official-layout export directory (config.json + model.safetensors)."""
-    raise NotImplementedError("the demo's tokenizer training stage is not wired to the training engine yet")
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 
 
-def _train_generator(plan: Plan, token_shards: list[Path], tokenizer_dir: Path, run_dir: Path, seed: int) -> Path:
-    """TODO(engine): train a tiny MaskGen-VQ on `token_shards` (model.tokenizer = tokenizer_dir,
-    model.text_encoder = TEXT_ENCODER, plan.generator_steps steps); return its export directory."""
-    raise NotImplementedError("the demo's generator training stage is not wired to the training engine yet")
+def _recipe(name: str) -> Path:
+    path = RECIPES / f"{name}.toml"
+    if not path.is_file():  # an installed wheel without the repository's training/ folder
+        raise DemoError(f"the demo recipe {path} is missing: run the demo from a checkout of the repository")
+    return path
+
+
+def _train(recipe: str, run_dir: Path, steps: int, shards: list[Path], seed: int, progress: bool,
+           extra: list[str]) -> Path:
+    from tatitok_fast.training.train import main
+
+    argv = ["--config", str(_recipe(recipe)), "--job.dump_folder", str(run_dir), "--training.steps", str(steps),
+            "--training.seed", str(seed), "--model.text_encoder", json.dumps(TEXT_ENCODER),
+            "--data.shards", ",".join(map(str, shards)), "--metrics.progress", "true" if progress else "false",
+            *extra]
+    if main(argv) != 0:
+        raise RuntimeError(f"training {recipe} failed (see the error above)")
+    return run_dir / "export" / f"step-{steps}"
+
+
+def _train_tokenizer(plan: Plan, shards: list[Path], run_dir: Path, seed: int, progress: bool = True) -> Path:
+    """A tiny TA-TiTok VQ (training/recipes/demo_tokenizer.toml); returns its export."""
+    return _train("demo_tokenizer", run_dir, plan.tokenizer_steps, shards, seed, progress,
+                  ["--samples.interval", str(plan.tokenizer_steps), "--samples.num", "8"])
+
+
+def _train_generator(plan: Plan, token_shards: list[Path], tokenizer_dir: Path, run_dir: Path, seed: int,
+                     progress: bool = True) -> Path:
+    """A tiny MaskGen-VQ (training/recipes/demo_generator.toml) on the token shards; its logged
+    samples are decoded by the demo's tokenizer; returns its export."""
+    prompts = [p["caption"] for p in shapes.test_prompts("seen")[:4] + shapes.test_prompts("held_out")[:4]]
+    return _train("demo_generator", run_dir, plan.generator_steps, token_shards, seed, progress,
+                  ["--model.tokenizer", str(tokenizer_dir), "--samples.interval", str(plan.generator_steps),
+                   "--samples.prompts", json.dumps(prompts)])
 
 
 def _install_export(export_dir: Path, target: Path) -> Path:
@@ -292,15 +317,16 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, force: bool = Fals
     with stage("data"):
         shards, on_data = make_data(out / "data", plan, seed, progress)
     with stage("train tokenizer"):
-        tok_dir = _install_export(_train_tokenizer(plan, shards, out / "runs" / "tokenizer", seed), out / "tokenizer")
+        tok_dir = _install_export(_train_tokenizer(plan, shards, out / "runs" / "tokenizer", seed, progress),
+                                  out / "tokenizer")
         tokenizer = TATiTok.from_pretrained(tok_dir).eval()
     with stage("evaluate tokenizer"):
         tok_metrics, recon_pairs = evaluate_tokenizer(tokenizer, text_encoder, plan, seed)
     with stage("tokenize"):
         token_shards = tokenize_data(shards, tok_dir, out / "tokens", progress=progress)
     with stage("train generator"):
-        gen_dir = _install_export(_train_generator(plan, token_shards, tok_dir, out / "runs" / "generator", seed),
-                                  out / "generator")
+        gen_dir = _install_export(_train_generator(plan, token_shards, tok_dir, out / "runs" / "generator", seed,
+                                                   progress), out / "generator")
         generator = load_generator(gen_dir).eval()
     with stage("generate + score"):
         torch.manual_seed(seed)

@@ -154,6 +154,8 @@ class Eval:
     interval: int = opt(0, "tatitok: reconstruction evaluation every N steps (0 = off)")
     shards: list = opt([], "evaluation shards (image + caption)")
     num_samples: int = opt(256, "images per evaluation")
+    inception_weights: str = opt("", "rFID / IS network: a pt_inception file, '' = the standard lookup (cache, "
+                                 "download), 'none' = PSNR / SSIM / codebook only")
 
 
 SECTIONS: dict[str, type] = {

@@ -90,6 +90,12 @@ class TATiTokRecipe(Recipe):
 
     def build_frozen(self) -> None:
         self.text = common.text_encoder(self.cfg.model.text_encoder, self.device)
+        self._inception = None
+        e = self.cfg.eval
+        if e.interval and e.shards and e.inception_weights != "none":  # fails here, before training, when offline
+            from tatitok_fast.evaluation.inception import InceptionFeatures
+
+            self._inception = InceptionFeatures(e.inception_weights or None, device=self.device)
 
     # ---- data ----
     def decode_sample(self, sample: dict, rng: np.random.Generator) -> dict:
@@ -138,3 +144,18 @@ class TATiTokRecipe(Recipe):
             return {}
         recon, _ = model(self._preview.to(self.device), self._preview_guidance)
         return {"originals": self._preview, "reconstructions": recon.float().clamp(0, 1)}
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Reconstruction metrics on eval.shards (center crops, EMA weights): PSNR, SSIM,
+        codebook usage / entropy, and rFID / IS unless eval.inception_weights = 'none'."""
+        from tatitok_fast.evaluation.data import image_batches
+        from tatitok_fast.evaluation.reconstruction import evaluate_reconstruction
+
+        e = self.cfg.eval
+        if not e.shards:
+            return {}
+        batches = image_batches(e.shards, self.crop, self.cfg.training.local_batch_size, max_images=e.num_samples)
+        out = evaluate_reconstruction(model, batches, self.text, features=self._inception,
+                                      max_images=e.num_samples, all_reduce=False)
+        return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
