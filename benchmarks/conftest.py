@@ -24,7 +24,7 @@ import shlex
 import pytest
 import torch
 
-from tatitok_fast.benchmarks.harness import commit_id, pytest_benchmark_fn
+from tatitok_fast.benchmarks.harness import commit_id, host_timer_fn
 from tatitok_fast.cli.bench import SUITES, add_common_arguments
 
 SUITE_ARGS = {"ops": "--ops-args", "tokenizer": "--tokenizer-args", "generate": "--generate-args"}
@@ -135,7 +135,7 @@ def run_model_row(benchmark, request):
                                     shapes=case.shapes, device=args.device, commit=commit_id(),
                                     items_per_call=case.items,
                                     baseline="" if base is None else f"{base.impl} {base.label()}")
-        benchmark(pytest_benchmark_fn(variant.fn, args.device))
+        benchmark(host_timer_fn(variant.fn, args.device))
 
     return run
 
@@ -160,6 +160,6 @@ def run_op_row(benchmark, request):
         benchmark.group = f"ops {op} {case.variant} | {case.shapes} | {args.device}"
         benchmark.extra_info.update(impl=impl, dtype=str(case.dtype), shapes=case.shapes, device=args.device,
                                     commit=commit_id(), baseline="reference" if impl == "tatitok_fast" else "")
-        benchmark(pytest_benchmark_fn(fn, args.device))
+        benchmark(host_timer_fn(fn, args.device))
 
     return run

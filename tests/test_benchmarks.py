@@ -49,11 +49,26 @@ def test_timing_follows_the_work():
     assert t.iqr_ms >= 0 and t.runs >= 2
 
 
+def test_interleaved_timing_follows_the_work():
+    short, long = harness.measure_interleaved([lambda: time.sleep(0.002), lambda: time.sleep(0.006)],
+                                              device="cpu", min_run_time=0.05, memory=False)
+    assert 2.0 <= short.median_ms < long.median_ms and 6.0 <= long.median_ms < 40.0
+    assert short.timer.startswith("interleaved x") and short.runs >= 3 and short.peak_extra_bytes is None
+    order = []  # calls of >= 10 ms: one per round
+    harness.measure_interleaved([lambda: (order.append("a"), time.sleep(0.011)),
+                                 lambda: (order.append("b"), time.sleep(0.011))], device="cpu",
+                                min_run_time=1e-6, memory=False)
+    assert "".join(order) == "ab" * 4  # a warm-up call of each, then 3 rounds over both in turn
+
+
 def test_measure_rejects_bad_arguments():
     with pytest.raises(ValueError, match="device"):
         measure(lambda: None, device="meta")
     with pytest.raises(ValueError, match="min_run_time"):
         measure(lambda: None, device="cpu", min_run_time=0)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        measure(lambda: None, device="cpu", cuda_graph=-1)
+    assert measure(lambda: None, device="cpu", min_run_time=0.01, memory=False, cuda_graph=8).timer == ""  # CPU: ignored
     with pytest.raises(ValueError, match="impl"):
         Measurement("ops", "x", "mine", "cpu", "float32", "(1,)", 1.0, 0.0, None)
 
@@ -144,18 +159,172 @@ def test_python_dash_m_entry_point():
     assert proc.stdout.count("mask_by_order") == 4  # 2 cases x (ours, reference)
 
 
-@pytest.mark.parametrize("suite, extra, cases", [
-    ("tokenizer", [], {"encode", "decode"}),
-    ("generate", ["--generator", "maskgen_vq_l"], {"generate", "decode"}),
-    ("generate", ["--generator", "maskgen_kl_l", "--no-decode"], {"generate"}),
-])
-def test_bench_model_suites_quick_cpu(tmp_path, suite, extra, cases):
+# ---------------------------------------------------------------------------------------
+# Model suites against the official code (tiny models)
+
+OFFICIAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "peer" / "1d-tokenizer"
+needs_official = pytest.mark.skipif(not (OFFICIAL / "modeling" / "tatitok.py").is_file(),
+                                    reason="the official checkout ../shared/peer/1d-tokenizer is not here")
+QUICK_MODEL = ["--quick", "--device", "cpu", "--no-progress", "--batch", "1", "--min-run-time", "0.01"]
+
+
+def _rows_by_variant(rows, case):
+    return {r["variant"]: r for r in rows if r["case"] == case}
+
+
+@needs_official
+def test_bench_tokenizer_against_official(tmp_path):
     out = tmp_path / "r.json"
-    assert main(["bench", suite, "--quick", "--device", "cpu", "--no-progress", "--json", str(out), *extra]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert {r["case"] for r in rows} == cases
-    for case in cases:
-        fast, ref = [r for r in rows if r["case"] == case]
-        assert (fast["impl"], ref["impl"]) == ("tatitok_fast", "reference")
-        assert fast["items_per_s"] > 0 and ref["items_per_s"] > 0 and fast["speedup"] > 0
-        assert fast["speedup"] == pytest.approx(ref["median_ms"] / fast["median_ms"])
+    assert main(["bench", "tokenizer", *QUICK_MODEL, "--preset", "tatitok_bl128_vq", "--cases", "decode", "--variants",
+                 "official_fp32,official_autocast,fp32,fast",
+                 "--official", str(OFFICIAL), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["header"]["official"] == str(OFFICIAL.resolve())
+    rows = _rows_by_variant(data["rows"], "decode")
+    assert list(rows) == ["fp32 eager", "autocast bfloat16", "fp32", "fast bfloat16"]
+    assert [r["impl"] for r in rows.values()] == ["official", "official", "tatitok_fast", "tatitok_fast"]
+    ours, fast = rows["fp32"], rows["fast bfloat16"]
+    assert ours["baseline"] == "official fp32 eager" and fast["baseline"] == "official autocast bfloat16"
+    assert ours["speedup"] == pytest.approx(rows["fp32 eager"]["median_ms"] / ours["median_ms"])
+    assert fast["speedup"] == pytest.approx(rows["autocast bfloat16"]["median_ms"] / fast["median_ms"])
+
+
+@pytest.mark.parametrize("generator", ["maskgen_vq_l", "maskgen_kl_l"])
+def test_bench_generate_quick_without_official(tmp_path, generator):
+    out = tmp_path / "r.json"
+    assert main(["bench", "generate", *QUICK_MODEL, "--generator", generator, "--steps", "2", "--no-decode",
+                 "--variants", "fast,reference_mode", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    fast, ref = data["rows"]
+    assert (fast["impl"], ref["impl"]) == ("tatitok_fast", "reference") and fast["case"] == "generate"
+    assert fast["baseline"] == "reference reference_mode fp32 (extra)"
+    assert fast["speedup"] == pytest.approx(ref["median_ms"] / fast["median_ms"])
+    assert any("not the official code" in n for n in data["notes"])
+
+
+def test_bench_model_suites_reject_bad_options(capsys):
+    for argv in (["bench", "tokenizer", "--quick", "--device", "cpu", "--variants", "fast,turbo"],
+                 ["bench", "tokenizer", "--quick", "--device", "cpu", "--cases", "encode,resize"],
+                 ["bench", "tokenizer", "--quick", "--device", "cpu", "--official", "/no/such/dir"],
+                 ["bench", "generate", "--quick", "--device", "cpu", "--batch", "0"],
+                 ["bench", "generate", "--quick", "--device", "cpu", "--min-run-time", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "turbo" in err and "resize" in err and "--official: /no/such/dir" in err and "--batch" in err
+    assert "--min-run-time" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Agreement checks: they pass on the same weights and fail loudly on different ones
+
+@pytest.fixture(scope="module")
+def official_lib():
+    if not (OFFICIAL / "modeling" / "tatitok.py").is_file():
+        pytest.skip("the official checkout ../shared/peer/1d-tokenizer is not here")
+    from tatitok_fast.benchmarks.official import import_official
+
+    return import_official(OFFICIAL)
+
+
+def test_vq_generate_agreement_and_a_mismatch(official_lib):
+    from tatitok_fast import MaskGen_VQ
+    from tatitok_fast.benchmarks.generate import check_vq_generate
+    from tatitok_fast.benchmarks.official import AgreementError, official_model
+    from tests.helpers import tiny_generator_config, tiny_text_encoder
+
+    torch.manual_seed(0)
+    ours = MaskGen_VQ(tiny_generator_config("vq")).eval()
+    official = official_model(official_lib.MaskGen_VQ, ours)
+    assert official.lm_head.weight is official.embeddings.weight  # tied again after the load
+    te, mg = tiny_text_encoder(), ours.config["model"]["maskgen"]
+    check_vq_generate(ours, official, te, ["a cat", "a dog"], 4, mg)  # same ids with the same seed
+    with torch.no_grad():
+        official.embeddings.weight.mul_(-1.0)  # another model: its ids must differ
+    with pytest.raises(AgreementError, match="token ids differ from the official ids"):
+        check_vq_generate(ours, official, te, ["a cat", "a dog"], 4, mg)
+
+
+def test_tokenizer_decode_agreement_and_a_mismatch(official_lib):
+    from tatitok_fast import TATiTok
+    from tatitok_fast.benchmarks.official import AgreementError, official_model
+    from tatitok_fast.benchmarks.tokenizer import check_decode_agreement
+    from tests.helpers import tiny_tokenizer_config
+
+    torch.manual_seed(0)
+    ours = TATiTok(tiny_tokenizer_config("vae")).eval()
+    official = official_model(official_lib.TATiTok, ours)
+    fast = TATiTok(tiny_tokenizer_config("vae")).eval().to(torch.bfloat16)
+    fast.load_state_dict(ours.state_dict())
+    tokens, guidance = torch.randn(1, 4, 1, 16), torch.randn(1, 77, 64)
+    check_decode_agreement(ours, fast, official, tokens, guidance, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        official.decoder.conv_out.bias.add_(0.5)
+    with pytest.raises(AgreementError, match=r"decode_tokens \(fp32\): relative error"):
+        check_decode_agreement(ours, fast, official, tokens, guidance, "cpu", torch.float32)
+
+
+def test_kl_decoder_agreement(official_lib):
+    from tatitok_fast import MaskGen_KL
+    from tatitok_fast.benchmarks.generate import check_kl_decoder
+    from tatitok_fast.benchmarks.official import official_model
+    from tests.helpers import tiny_generator_config, tiny_text_encoder
+
+    torch.manual_seed(0)
+    ours = MaskGen_KL(tiny_generator_config("vae")).eval()
+    with torch.no_grad():  # the zero-initialised projections would make the check trivial
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    check_kl_decoder(ours, official_model(official_lib.MaskGen_KL, ours), tiny_text_encoder(), ["a", "b"])
+
+
+def test_official_checkout_is_validated(tmp_path):
+    from tatitok_fast.benchmarks.official import check_checkout
+
+    with pytest.raises(ValueError, match="--official: .* is not a directory"):
+        check_checkout(tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing modeling/tatitok.py"):
+        check_checkout(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# pytest-benchmark front end (benchmarks/): same cases, not collected by plain `pytest`
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plain_pytest_collects_tests_only():
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert cfg["testpaths"] == ["tests"]
+    assert (REPO / "benchmarks" / "conftest.py").is_file() and not (REPO / "tests" / "benchmarks").exists()
+
+
+def test_benchmark_modules_run_through_pytest_benchmark(tmp_path):
+    """The pytest-benchmark suites collect every CLI row and run a quick one (benchmark
+    disabled: each benchmarked function runs once)."""
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), "--quick",
+            "--bench-device", "cpu", "-W", "ignore::FutureWarning"]
+    collect = subprocess.run(base + ["--collect-only", "benchmarks/"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    ids = collect.stdout
+    for row in ("test_tokenizer[encode-fp32]", "test_tokenizer[encode+decode-fast]", "test_generate[generate-fast]",
+                "test_generate[decode-reference_mode]", "test_op[mask_by_order-default-int64-orders(8,32)-reference]"):
+        assert row in ids, row
+    saved = tmp_path / "bench.json"
+    quick_timer = ["--benchmark-min-rounds=1", "--benchmark-max-time=0.000001", "--benchmark-warmup=off"]
+    run = subprocess.run(base + quick_timer + ["--benchmark-json", str(saved), "benchmarks/test_generate.py",
+                                               "--generate-args=--generator maskgen_vq_l --batch 1 --steps 2 "
+                                               "--no-decode --variants fp32,fast"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout
+    benches = json.loads(saved.read_text())["benchmarks"]
+    assert [b["extra_info"]["variant"] for b in benches] == ["fp32", "fast bfloat16"]
+    fast = benches[1]
+    assert fast["extra_info"]["impl"] == "tatitok_fast" and fast["extra_info"]["dtype"] == "torch.bfloat16"
+    assert fast["extra_info"]["baseline"] == ""  # neither official nor reference_mode rows: no baseline
+    assert fast["group"].startswith("generate generate | tiny B=1 steps=2") and fast["stats"]["min"] > 0

@@ -3,7 +3,7 @@
 Every suite (ops, tokenizer, generate) builds its timed callables once; the CLI
 (`tatitok-fast bench SUITE`) times them with `measure`, records one `Measurement` per
 (case, implementation) and prints a `Report` (text table, markdown / JSON on request), and
-benchmarks/test_*.py hands the same callables to pytest-benchmark (`pytest_benchmark_fn`).
+benchmarks/test_*.py hands the same callables to pytest-benchmark (`host_timer_fn`).
 """
 from __future__ import annotations
 
@@ -328,7 +328,7 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: torch.devic
     return out
 
 
-def pytest_benchmark_fn(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+def host_timer_fn(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
     """`fn` for pytest-benchmark's host timer: on CUDA each call ends with a synchronize, so
     the time is the GPU's, not the launch's."""
     device = torch.device(device)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -76,7 +77,9 @@ def import_official(path: str | Path, arg: str = "--official") -> Official:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # blocks.py prints its attention mode at import
+        # blocks.py prints its attention mode at import; torch.cuda.amp.autocast decorators warn
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             import modeling.maskgen as maskgen
             import modeling.tatitok as tatitok
     except ImportError as e:
