@@ -6,11 +6,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tatitok_fast import ops
 from tatitok_fast.models.graph_runner import _use_graph
-from tatitok_fast.models.layers import Linear
+from tatitok_fast.models.layers import Linear, linear
 from tatitok_fast.models.maskgen_base import _MaskGenBase, _validate_generator_config, aesthetic_scores
 from tatitok_fast.models.maskgen_schedules import (GUIDANCE_DECAYS, VQStep, _check_sampling_args, get_masking_ratio,
                                                    sinusoid_halves)
@@ -28,8 +27,8 @@ class TiedLMHead(nn.Module):
         self.weight = embeddings.weight
         self.codebook_size = codebook_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[: self.codebook_size])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, K)
+        return linear(x, self.weight[: self.codebook_size])  # fp32 GEMM for bf16 on CPUs without bf16 units
 
 
 class MaskGen_VQ(_MaskGenBase):
