@@ -288,19 +288,21 @@ def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: 
 
 
 def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: torch.device | str, min_run_time: float = 1.0,
-                        memory: bool = True, max_rounds: int = 20) -> list[Timing]:
+                        memory: bool = True, max_rounds: int = 20, rounds: int | None = None) -> list[Timing]:
     """Time several implementations of the same work against each other.
 
     CPU: one warm-up call each, then rounds that call every fn in turn (fn0, fn1, ..., fn0,
     fn1, ...), so that load from other processes on a shared machine hits all of them alike
     rather than whichever was timed last; median and IQR over the rounds. A round calls each
     fn enough times to last ~10 ms; rounds: enough for the slowest fn to run `min_run_time`
-    seconds, at least 3 and at most `max_rounds`. CUDA: `measure` per fn (the GPU is not
-    shared), in the same order.
+    seconds, at least 3 and at most `max_rounds` (or exactly `rounds`: 1 for calls of minutes;
+    the IQR is then 0). CUDA: `measure` per fn (the GPU is not shared), in the same order.
     """
     device = torch.device(device)
     if not min_run_time > 0:
         raise ValueError(f"min_run_time: expected > 0 seconds, got {min_run_time}")
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+        raise ValueError(f"rounds: expected an integer >= 1 or None, got {rounds!r}")
     if device.type == "cuda":
         return [measure(fn, device=device, min_run_time=min_run_time, memory=memory) for fn in fns]
     if device.type != "cpu":
@@ -311,7 +313,8 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: torch.devic
         fn()
         est.append(max(time.perf_counter() - t0, 1e-6))
     number = [max(1, math.ceil(0.01 / e)) for e in est]
-    rounds = min(max_rounds, max(3, math.ceil(min_run_time / max(n * e for n, e in zip(number, est)))))
+    if rounds is None:
+        rounds = min(max_rounds, max(3, math.ceil(min_run_time / max(n * e for n, e in zip(number, est)))))
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
@@ -321,7 +324,7 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: torch.devic
             times[i].append((time.perf_counter() - t0) / number[i] * 1e3)
     out = []
     for fn, ts, n in zip(fns, times, number):
-        q = statistics.quantiles(ts, n=4)
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         peak = peak_extra_bytes(fn, device) if memory else None
         out.append(Timing(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], runs=len(ts) * n,
                           peak_extra_bytes=peak, timer=f"interleaved x{len(ts)}"))

@@ -56,6 +56,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"variants to time (default all): {', '.join(VARIANTS)}")
     parser.add_argument("--min-run-time", type=float, default=None, metavar="S",
                         help="seconds of timed calls per row (default 2, 0.05 with --quick)")
+    parser.add_argument("--rounds", type=positive_int, default=None, metavar="N",
+                        help="exactly N interleaved timing rounds on CPU (default: from --min-run-time, >= 3)")
 
 
 def parse_variants(text: str) -> list[str]:
@@ -175,7 +177,7 @@ def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
     """Time every variant of `case` with the harness; speed-ups against its baseline row."""
     rows: dict[str, Measurement] = {}
     timings = measure_interleaved([v.fn for v in case.variants], device=device, min_run_time=min_run_time(args),
-                                  memory=args.quick or device == "cuda")
+                                  memory=args.quick or device == "cuda", rounds=getattr(args, "rounds", None))
     for v, t in zip(case.variants, timings):
         rows[v.key] = Measurement(suite=case.suite, case=case.case, impl=v.impl, device=device,
                                   dtype=dtype_name(v.dtype), shapes=case.shapes, median_ms=t.median_ms,
