@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from tatitok_fast.cli.bench import SUITES, add_common_arguments, resolve_devices
+from tatitok_fast.cli.bench import SUITES, add_common_arguments, apply_threads, resolve_devices
 
 # aten op name (substring) -> category; first match wins, unmatched ops are "other"
 CATEGORIES = [
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         p.add_argument("--row-limit", type=int, default=15, help="top ops listed per variant")
     args = parser.parse_args(argv)
     suite = importlib.import_module(SUITES[args.suite])
+    apply_threads(args, parser)
     try:
         suite.check_args(args)
     except ValueError as e:
