@@ -1,16 +1,31 @@
-// CUDA kernel of vq_nearest_code: argmin_k (||e_k||^2 - 2 z.e_k) per row of z, fp32
-// accumulation, without the (N, K) distance matrix.
+// CUDA kernels of vq_nearest_code: the nearest code of every row of z, exact, without the
+// (N, K) distance matrix. Two paths:
 //
-// Pass 1: block (x, y) owns 64 rows and the y-th contiguous range of codes (split so that
-// small N still fills the GPU), walked in 64-code tiles staged through shared memory with D
-// in slices of 16 (an SGEMM-style 4x4 register tile per thread). Each thread keeps the best
-// (value, index) of its 4 rows; the 16 threads sharing rows reduce with shuffles, ties going
-// to the lowest index as torch.argmin. Every score is accumulated in the same order, so
-// identical codes tie exactly. Pass 2 merges the ranges in code order and recomputes the
-// distance exactly as sum_d (z_d - e_d)^2 for the chosen code.
+// Tensor cores (sm_80+, K < 2^31; twin: ops/reference.py vq_nearest_code_mma_ref):
+//   1. vq_mma_candidates_kernel: block (x, y) owns 64 rows and the y-th range of codes, in
+//      64-code tiles; 4 warps compute the 64 x 64 dot products with TF32 wmma (m16n16k8, fp32
+//      accumulation; bf16/fp16 inputs are exact in TF32) over D in slices of 32. Scores
+//      s~ = ||e||^2 - 2 dot feed a per-row list of the kCand smallest (ties: lower index) and
+//      T, the smallest score left out of the list.
+//   2. vq_mma_finish_kernel (a warp per row): merges the ranges' lists, re-checks the
+//      candidates exactly (||z - e||^2 in fp64, ties to the lower index) and accepts the row
+//      when no left-out code can reach the best: ||z||^2 + T - bound > best, with bound >=
+//      |s~ - s| (mma_score_error_bound, the same expression as the twin's). Other rows get -1.
+//   3. vq_exact_rows_kernel: a block per row marked -1 searches all K codes in fp64.
+//   So the result is the nearest code by fp64 distance however TF32 rounds; for random
+//   64-dim data with 8192 codes no row needed step 3 in the twin with 4 candidates.
+//
+// SIMT fallback (older GPUs): block (x, y) owns 64 rows and the y-th range of codes, walked
+// in 64-code tiles staged through shared memory with D in slices of 16 (an SGEMM-style 4x4
+// register tile per thread), fp32 scores, the 16 threads sharing rows reducing with shuffles
+// (ties to the lowest index as torch.argmin); the finish kernel merges the ranges in code
+// order and recomputes the distance exactly as sum_d (z_d - e_d)^2 for the chosen code.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <mma.h>
+
+#include <cmath>
 #include <limits>
 
 #include "cuda/cuda_utils.cuh"
@@ -154,6 +169,259 @@ __global__ void __launch_bounds__(kThreads) vq_finish_kernel(const scalar_t* __r
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Tensor-core path
+
+constexpr int kCand = 4;                                 // candidates kept per row
+constexpr int kMBM = 64, kMBN = 64, kMBD = 32, kMThreads = 128;  // 4 warps x 16 rows
+constexpr int kSentinel = std::numeric_limits<int32_t>::max();   // an empty list slot
+
+// (v, k) < (ov, ok): smaller score, then lower index.
+__device__ __forceinline__ bool before(float v, int32_t k, float ov, int32_t ok) {
+  return v < ov || (v == ov && k < ok);
+}
+
+// The kCand smallest (score, index) pairs seen, sorted, and t = the smallest score of the
+// pairs seen but not kept.
+struct CandList {
+  float v[kCand];
+  int32_t k[kCand];
+  float t;
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int c = 0; c < kCand; ++c) {
+      v[c] = INFINITY;
+      k[c] = kSentinel;
+    }
+    t = INFINITY;
+  }
+
+  __device__ __forceinline__ void insert(float nv, int32_t nk) {
+    if (nk == kSentinel) return;
+    if (!before(nv, nk, v[kCand - 1], k[kCand - 1])) {
+      t = fminf(t, nv);
+      return;
+    }
+    if (k[kCand - 1] != kSentinel) t = fminf(t, v[kCand - 1]);  // evicted
+    int c = kCand - 1;
+    while (c > 0 && before(nv, nk, v[c - 1], k[c - 1])) {
+      v[c] = v[c - 1];
+      k[c] = k[c - 1];
+      --c;
+    }
+    v[c] = nv;
+    k[c] = nk;
+  }
+
+  // Merge the list of lane ^ mask (same warp, all lanes taking part).
+  __device__ __forceinline__ void merge_xor(int mask) {
+    float ov[kCand];
+    int32_t ok[kCand];
+#pragma unroll
+    for (int c = 0; c < kCand; ++c) {
+      ov[c] = __shfl_xor_sync(0xffffffffu, v[c], mask);
+      ok[c] = __shfl_xor_sync(0xffffffffu, k[c], mask);
+    }
+    const float ot = __shfl_xor_sync(0xffffffffu, t, mask);
+#pragma unroll
+    for (int c = 0; c < kCand; ++c) insert(ov[c], ok[c]);
+    t = fminf(t, ot);
+  }
+};
+
+// Bound on |s~ - s| for a row (see mma_score_error_bound in ops/reference.py).
+__device__ __forceinline__ double mma_score_error_bound(double z_norm, double e_norm_max_sq, int64_t D, double u_in) {
+  const double u32 = 5.9604644775390625e-08;  // 2^-24
+  const double d = static_cast<double>(D);
+  const double g32 = d * u32 / (1.0 - d * u32);
+  const double g_acc = d * 4.76837158203125e-07 / (1.0 - d * 4.76837158203125e-07);  // 2^-21
+  const double e_max = sqrt(e_norm_max_sq);
+  const double dot_err = (u_in * (2.0 + u_in) + g_acc * (1.0 + u_in) * (1.0 + u_in)) * z_norm * e_max;
+  const double sub_err = u32 * (e_norm_max_sq + 2.0 * (1.0 + u_in) * (1.0 + u_in) * z_norm * e_max);
+  return 1.25 * (g32 * e_norm_max_sq + 2.0 * dot_err + sub_err);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMThreads) vq_mma_candidates_kernel(
+    const scalar_t* __restrict__ z, const scalar_t* __restrict__ e, const float* __restrict__ e_norm, int64_t N,
+    int64_t K, int64_t D, int64_t codes_per_split, float* __restrict__ part_v, int32_t* __restrict__ part_k,
+    float* __restrict__ part_t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  __shared__ __align__(32) float zs[kMBM][kMBD + 4];  // rows x D slice, TF32 values
+  __shared__ __align__(32) float es[kMBN][kMBD + 4];  // codes x D slice
+  __shared__ __align__(32) float dots[kMBM][kMBN + 4];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMBM;
+  const int r = tid >> 1, half = tid & 1;  // scoring: 2 threads per row, 32 codes each
+  CandList list;
+  list.init();
+
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * codes_per_split;
+  const int64_t k_end = min(K, k_begin + codes_per_split);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMBN) {
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[kMBN / 16];
+#pragma unroll
+    for (int j = 0; j < kMBN / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+    for (int64_t d0 = 0; d0 < D; d0 += kMBD) {
+      for (int i = tid; i < kMBM * kMBD; i += kMThreads) {
+        const int rr = i / kMBD, dd = i % kMBD;
+        const int64_t gr = row0 + rr, gk = k0 + rr, gd = d0 + dd;
+        zs[rr][dd] = (gr < N && gd < D) ? wmma::__float_to_tf32(static_cast<float>(z[gr * D + gd])) : 0.f;
+        es[rr][dd] = (gk < k_end && gd < D) ? wmma::__float_to_tf32(static_cast<float>(e[gk * D + gd])) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kMBD; kk += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &zs[warp * 16][kk], kMBD + 4);
+#pragma unroll
+        for (int j = 0; j < kMBN / 16; ++j) {
+          // B (d x code) = es^T: column-major over es's rows
+          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+          wmma::load_matrix_sync(b, &es[j * 16][kk], kMBD + 4);
+          wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < kMBN / 16; ++j)
+      wmma::store_matrix_sync(&dots[warp * 16][j * 16], acc[j], kMBN + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int c = half * (kMBN / 2); c < (half + 1) * (kMBN / 2); ++c) {
+      const int64_t k = k0 + c;
+      if (k < k_end) list.insert(e_norm[k] - 2.0f * dots[r][c], static_cast<int32_t>(k));
+    }
+    __syncthreads();  // dots is rewritten by the next tile
+  }
+  list.merge_xor(1);  // the two threads of a row (adjacent lanes) now hold the same list
+  const int64_t row = row0 + r;
+  if (half == 0 && row < N) {
+    const int64_t base = static_cast<int64_t>(blockIdx.y) * N + row;
+#pragma unroll
+    for (int c = 0; c < kCand; ++c) {
+      part_v[base * kCand + c] = list.v[c];
+      part_k[base * kCand + c] = list.k[c];
+    }
+    part_t[base] = list.t;
+  }
+#endif
+}
+
+// A warp per row: merge the ranges' lists, exact fp64 re-check, accept or mark -1.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) vq_mma_finish_kernel(
+    const scalar_t* __restrict__ z, const scalar_t* __restrict__ e, int64_t N, int64_t K, int64_t D, int splits,
+    const float* __restrict__ part_v, const int32_t* __restrict__ part_k, const float* __restrict__ part_t,
+    const float* __restrict__ e_norm_max_sq, double u_in, int64_t* __restrict__ out_idx,
+    float* __restrict__ out_dist) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (row >= N) return;  // the whole warp shares the row
+  CandList list;
+  list.init();
+  for (int s = lane; s < splits; s += 32) {
+    const int64_t base = static_cast<int64_t>(s) * N + row;
+    for (int c = 0; c < kCand; ++c) list.insert(part_v[base * kCand + c], part_k[base * kCand + c]);
+    list.t = fminf(list.t, part_t[base]);
+  }
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) list.merge_xor(mask);
+
+  const scalar_t* zr = z + row * D;
+  double zz = 0.0;
+  for (int64_t d = lane; d < D; d += 32) {
+    const double v = static_cast<double>(static_cast<float>(zr[d]));
+    zz = fma(v, v, zz);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) zz += __shfl_xor_sync(0xffffffffu, zz, off);
+  double best = INFINITY;
+  int64_t best_k = -1;
+  for (int c = 0; c < kCand; ++c) {  // every lane holds the same list
+    const int32_t k = list.k[c];
+    if (k == kSentinel) continue;
+    const scalar_t* er = e + static_cast<int64_t>(k) * D;
+    double s = 0.0;
+    for (int64_t d = lane; d < D; d += 32) {
+      const double diff = static_cast<double>(static_cast<float>(zr[d])) - static_cast<double>(static_cast<float>(er[d]));
+      s = fma(diff, diff, s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (s < best || (s == best && k < best_k)) {
+      best = s;
+      best_k = k;
+    }
+  }
+  const double t = static_cast<double>(list.t);
+  const double bound = mma_score_error_bound(sqrt(zz), static_cast<double>(*e_norm_max_sq), D, u_in);
+  const bool safe = best_k >= 0 && (K <= kCand || t + zz - bound > best + 1e-12 * (zz + fabs(t) + best));
+  if (lane == 0) {
+    out_idx[row] = safe ? best_k : -1;
+    out_dist[row] = static_cast<float>(best);
+  }
+}
+
+// A block per row that the finish kernel could not settle (-1): all K codes in fp64.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) vq_exact_rows_kernel(const scalar_t* __restrict__ z,
+                                                                 const scalar_t* __restrict__ e, int64_t K, int64_t D,
+                                                                 int64_t* __restrict__ out_idx,
+                                                                 float* __restrict__ out_dist) {
+  __shared__ double sv[kThreads / 32];
+  __shared__ int64_t sk[kThreads / 32];
+  const int64_t row = blockIdx.x;
+  if (out_idx[row] >= 0) return;  // uniform over the block
+  const scalar_t* zr = z + row * D;
+  double best = INFINITY;
+  int64_t best_k = K;  // lanes without a code never win a tie
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {  // increasing k per thread
+    const scalar_t* er = e + k * D;
+    double s = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double diff = static_cast<double>(static_cast<float>(zr[d])) - static_cast<double>(static_cast<float>(er[d]));
+      s = fma(diff, diff, s);
+    }
+    if (s < best) {  // strict: the lower k of a tie stays
+      best = s;
+      best_k = k;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const double ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int64_t ok = __shfl_xor_sync(0xffffffffu, best_k, off);
+    if (ov < best || (ov == best && ok < best_k)) {
+      best = ov;
+      best_k = ok;
+    }
+  }
+  if (threadIdx.x % 32 == 0) {
+    sv[threadIdx.x / 32] = best;
+    sk[threadIdx.x / 32] = best_k;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) {
+      if (sv[w] < best || (sv[w] == best && sk[w] < best_k)) {
+        best = sv[w];
+        best_k = sk[w];
+      }
+    }
+    out_idx[row] = best_k < K ? best_k : 0;  // all-NaN rows: code 0
+    out_dist[row] = static_cast<float>(best);
+  }
+}
+
+bool tensor_cores_available(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
 int multiprocessor_count(int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -180,9 +448,40 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cuda(const at::Tensor& z, con
   }
   const at::Tensor e_norm = ec.to(at::kFloat).pow(2).sum(1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  // Split the codes so that about two blocks per SM run even when N is small.
-  const int64_t row_blocks = (N + kBM - 1) / kBM, code_tiles = (K + kBN - 1) / kBN;
   const int64_t want = 2 * static_cast<int64_t>(multiprocessor_count(z.get_device()));
+  if (tensor_cores_available(z.get_device()) && K <= std::numeric_limits<int32_t>::max() - kMBN) {
+    // Split the codes so that about two blocks per SM run even when N is small.
+    const int64_t row_blocks = (N + kMBM - 1) / kMBM, code_tiles = (K + kMBN - 1) / kMBN;
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(code_tiles, (want + row_blocks - 1) / row_blocks));
+    const int64_t codes_per_split = (code_tiles + splits - 1) / splits * kMBN;
+    const int64_t used_splits = (K + codes_per_split - 1) / codes_per_split;
+    auto part_v = at::empty({used_splits, N, kCand}, z.options().dtype(at::kFloat));
+    auto part_k = at::empty({used_splits, N, kCand}, z.options().dtype(at::kInt));
+    auto part_t = at::empty({used_splits, N}, z.options().dtype(at::kFloat));
+    const at::Tensor e_norm_max_sq = e_norm.max();  // 0-d, stays on the device
+    // fp32 inputs are rounded to TF32 (2^-10 covers nearest and truncation); bf16/fp16 are exact
+    const double u_in = zc.scalar_type() == at::kFloat ? 9.765625e-04 : 0.0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda_mma", [&] {
+      const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(used_splits));
+      vq_mma_candidates_kernel<scalar_t><<<grid, kMThreads, 0, stream>>>(
+          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), e_norm.data_ptr<float>(), N, K, D, codes_per_split,
+          part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      vq_mma_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 32), kThreads, 0, stream>>>(
+          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), N, K, D, static_cast<int>(used_splits),
+          part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>(),
+          e_norm_max_sq.data_ptr<float>(), u_in, indices.data_ptr<int64_t>(), distances.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      vq_exact_rows_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), K, D, indices.data_ptr<int64_t>(),
+          distances.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {indices, distances};
+  }
+
+  // SIMT path: split the codes so that about two blocks per SM run even when N is small.
+  const int64_t row_blocks = (N + kBM - 1) / kBM, code_tiles = (K + kBN - 1) / kBN;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(code_tiles, (want + row_blocks - 1) / row_blocks));
   const int64_t codes_per_split = (code_tiles + splits - 1) / splits * kBN;
   const int64_t used_splits = (K + codes_per_split - 1) / codes_per_split;

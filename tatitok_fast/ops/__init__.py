@@ -56,6 +56,8 @@ def vq_nearest_code(z: torch.Tensor, codebook: torch.Tensor, l2_normalize: bool 
     Returns:
         indices (N,) int64 (lowest index on ties, as torch.argmin) and distances (N,) float32,
         the squared L2 distance to the chosen code (of the normalised vectors if l2_normalize).
+    CUDA on sm_80+: tensor-core (TF32) candidates re-checked in fp64, so the nearest code by
+    fp64 distance (twin: ops.reference.vq_nearest_code_mma_ref); CPU and older GPUs: fp32 scores.
     """
     check_tensor("z", z, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("codebook", codebook, ndim=2, dtypes=(z.dtype,), device=z.device, like="z")

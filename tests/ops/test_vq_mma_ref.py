@@ -114,3 +114,23 @@ def test_small_codebooks_and_bad_arguments():
         vq_nearest_code_mma_ref(z, e, num_candidates=0)
     with pytest.raises(ValueError, match="approx: expected 'tf32' or 'bf16'"):
         vq_nearest_code_mma_ref(z, e, approx="fp8")
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA kernel (tensor cores on sm_80+) against the exact search
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernel_is_exact_on_near_ties(dtype):
+    from tatitok_fast import ops
+
+    z, e = _near_tie_rows(n=500, d=64, gap=1e-4)
+    z, e = z.to(dtype), e.to(dtype)
+    extra = torch.randn(9000, 64).to(dtype)  # more codes than one range, far from the rows
+    e = torch.cat([e, extra * 3 + 20])
+    want, want_dist = _exact(z.float(), e.float())
+    idx, dist = ops.vq_nearest_code(z.cuda(), e.cuda())
+    assert torch.equal(idx.cpu(), want)
+    torch.testing.assert_close(dist.cpu().double(), want_dist, rtol=1e-5, atol=1e-6)
+    twin, _ = vq_nearest_code_mma_ref(z, e)
+    assert torch.equal(twin, want)
