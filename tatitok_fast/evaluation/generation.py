@@ -22,7 +22,7 @@ def reference_stats(inputs: Sequence[str], features: torch.nn.Module, size: int,
     from tatitok_fast.evaluation.data import image_batches
     from tatitok_fast.evaluation.inception import POOL_DIM
 
-    stats = FeatureStats(POOL_DIM)
+    stats = FeatureStats(POOL_DIM, getattr(features, "device", "cpu"))  # sums where the features are
     for batch in tqdm(image_batches(inputs, size, batch_size, max_images), desc="reference", unit="batch",
                       disable=not progress):
         stats.update(features(batch.images)[0])
@@ -66,7 +66,8 @@ def evaluate_generation(pipe, prompts: Sequence[str], *, batch_size: int = 16,
     if features is not None:
         from tatitok_fast.evaluation.inception import NUM_CLASSES, POOL_DIM
 
-        fake, iscore = FeatureStats(POOL_DIM), InceptionScore(NUM_CLASSES)
+        dev = getattr(features, "device", "cpu")
+        fake, iscore = FeatureStats(POOL_DIM, dev), InceptionScore(NUM_CLASSES, dev)
     clip = MeanMetric()
     kept: list[torch.Tensor] = []
     gen_seconds = 0.0

@@ -199,10 +199,10 @@ class TokenizerLoss(nn.Module):
             kl = kl.sum() / kl.shape[0]
             total = total + c.kl_weight * kl
             logs.update(kl_loss=c.kl_weight * kl)
-        logs.update(weighted_gan_loss=weighted_gan, gan_loss=gan, discriminator_factor=torch.tensor(factor),
-                    d_weight=torch.tensor(c.discriminator_weight))
+        logs.update(weighted_gan_loss=weighted_gan, gan_loss=gan, discriminator_factor=x.new_tensor(factor),
+                    d_weight=x.new_tensor(c.discriminator_weight))
         logs = {"total_loss": total, **logs}
-        return total, {k: torch.as_tensor(v).detach().float() for k, v in logs.items()}
+        return total, {k: v.detach().float().to(x.device) for k, v in logs.items()}  # all on the inputs' device
 
     # ---- discriminator side ----
     def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
