@@ -53,9 +53,12 @@ class Step:
         over = ["--data.shards", "synthetic.tar", "--training.device", device]
         if batch:
             over += ["--training.local_batch_size", str(batch)]
+        if quick:  # the tiny presets' official ViT sizes (the official code knows no "tiny" ViT)
+            over += ["--model.overrides", "{}"]
         cfg = load_config(path, over)
-        if cfg.job.recipe == "tatitok":  # timing: every term on, no weight files needed
+        if cfg.job.recipe == "tatitok":  # timing: every official term on, random weights (no files needed)
             cfg.loss.discriminator_start, cfg.loss.perceptual_weights = 0, "random"
+            cfg.loss.perceptual_loss = "lpips-convnext_s-1.0-0.1"
         self.cfg, self.device = cfg, torch.device(device)
         self.recipe = recipe_class(cfg.job.recipe)(cfg, self.device)
         torch.manual_seed(0)

@@ -54,6 +54,8 @@ class Plan:
     samples_per_prompt: int  # generated images per test prompt, per generator
     tokenizer_steps: int  # optimizer steps (the training stages read these)
     generator_steps: int
+    tokenizer_batch: int = 32
+    generator_batch: int = 64
     image_size: int = 64
     shard_size: int = 1000
     detector_check_images: int = 200  # ground-truth renders the detector is checked on
@@ -63,8 +65,9 @@ class Plan:
 PLANS = {
     "full": Plan(train_images=8000, eval_images=64, samples_per_prompt=2, tokenizer_steps=1500,
                  generator_steps=1500),
-    "quick": Plan(train_images=512, eval_images=16, samples_per_prompt=1, tokenizer_steps=20,
-                  generator_steps=20, detector_check_images=50, prompts_per_split=6),
+    "quick": Plan(train_images=128, eval_images=16, samples_per_prompt=1, tokenizer_steps=10,
+                  generator_steps=10, tokenizer_batch=8, generator_batch=16, detector_check_images=50,
+                  prompts_per_split=6),
 }
 
 
@@ -224,12 +227,12 @@ def _recipe(name: str) -> Path:
     return path
 
 
-def _train(recipe: str, run_dir: Path, steps: int, shards: list[Path], seed: int, progress: bool,
+def _train(recipe: str, run_dir: Path, steps: int, batch: int, shards: list[Path], seed: int, progress: bool,
            extra: list[str]) -> Path:
     from tatitok_fast.training.train import main
 
     argv = ["--config", str(_recipe(recipe)), "--job.dump_folder", str(run_dir), "--training.steps", str(steps),
-            "--training.seed", str(seed), "--model.text_encoder", json.dumps(TEXT_ENCODER),
+            "--training.local_batch_size", str(batch), "--training.seed", str(seed), "--model.text_encoder", json.dumps(TEXT_ENCODER),
             "--data.shards", ",".join(map(str, shards)), "--metrics.progress", "true" if progress else "false",
             *extra]
     if main(argv) != 0:
@@ -239,7 +242,7 @@ def _train(recipe: str, run_dir: Path, steps: int, shards: list[Path], seed: int
 
 def _train_tokenizer(plan: Plan, shards: list[Path], run_dir: Path, seed: int, progress: bool = True) -> Path:
     """A tiny TA-TiTok VQ (training/recipes/demo_tokenizer.toml); returns its export."""
-    return _train("demo_tokenizer", run_dir, plan.tokenizer_steps, shards, seed, progress,
+    return _train("demo_tokenizer", run_dir, plan.tokenizer_steps, plan.tokenizer_batch, shards, seed, progress,
                   ["--samples.interval", str(plan.tokenizer_steps), "--samples.num", "8"])
 
 
@@ -248,7 +251,7 @@ def _train_generator(plan: Plan, token_shards: list[Path], tokenizer_dir: Path, 
     """A tiny MaskGen-VQ (training/recipes/demo_generator.toml) on the token shards; its logged
     samples are decoded by the demo's tokenizer; returns its export."""
     prompts = [p["caption"] for p in shapes.test_prompts("seen")[:4] + shapes.test_prompts("held_out")[:4]]
-    return _train("demo_generator", run_dir, plan.generator_steps, token_shards, seed, progress,
+    return _train("demo_generator", run_dir, plan.generator_steps, plan.generator_batch, token_shards, seed, progress,
                   ["--model.tokenizer", str(tokenizer_dir), "--samples.interval", str(plan.generator_steps),
                    "--samples.prompts", json.dumps(prompts)])
 

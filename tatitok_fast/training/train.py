@@ -49,6 +49,8 @@ class Trainer:
         self.inner = model = recipe.build_model()
         self.model_cls = type(model)  # before fully_shard swaps in its FSDP subclass
         self.mode = parallel.resolve_mode(cfg.parallelism.mode, world)
+        if cfg.fp8.backend == "te":
+            model.to(world.device)  # te.Linear layers are made on the weights' (CUDA) device
         self.fp8_count, self.fp8_ctx = fp8.apply_fp8(model, cfg.fp8, self.mode == "fsdp", world.device)
         loss_module = recipe.build_loss()
         recipe.build_frozen()

@@ -120,6 +120,14 @@ def test_fsdp_two_ranks_match_one_process_across_a_resume(shards, tmp_path, one_
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(one_process_run), rtol=2e-5, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path, one_process_run):
+    """2 micro-batches of 4 == one batch of 8 (same samples, plain-mean loss)."""
+    run = tmp_path / "accum"
+    assert main(argv(shards, "vq", run, *DIST_COMMON, "--training.local_batch_size", "4",
+                     "--training.grad_accum_steps", "2", "--checkpoint.enable", "false")) == 0
+    torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(one_process_run), rtol=2e-5, atol=1e-6)
+
+
 def test_ddp_two_ranks_match_one_process(shards, tmp_path, one_process_run):
     run = tmp_path / "ddp"
     launch(2, argv(shards, "vq", run, *DIST_COMMON, "--training.local_batch_size", "4", "--parallelism.mode", "ddp",
