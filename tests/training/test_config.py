@@ -75,7 +75,7 @@ def test_every_recipe_loads_and_builds_on_meta(path):
     from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
     from tatitok_fast.training.recipes.common import model_config
 
-    cfg = load_config(path, SHARD if "tiny" in path.stem else [])
+    cfg = load_config(path, SHARD)
     kind = "tokenizer" if cfg.job.recipe == "tatitok" else "generator"
     config = model_config(cfg.model, kind)
     cls = TATiTok if kind == "tokenizer" else (MaskGen_KL if config["model"]["vq_model"]["quantize_mode"] == "vae"
