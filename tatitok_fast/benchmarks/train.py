@@ -66,6 +66,7 @@ class Step:
         self.loss_module = self.recipe.build_loss()
         self.batch_size = cfg.training.local_batch_size
         self.batch = self._synthetic_batch()
+        self.notes: list[str] = []
 
     def _synthetic_batch(self) -> dict:
         g = torch.Generator().manual_seed(0)
@@ -96,7 +97,9 @@ class Step:
         if backend != "bf16":
             fp8_cfg = copy.deepcopy(self.cfg.fp8)
             fp8_cfg.backend, fp8_cfg.emulate = backend, self.device.type != "cuda"
-            _, ctx = fp8.apply_fp8(model, fp8_cfg, False, self.device)
+            n, ctx = fp8.apply_fp8(model, fp8_cfg, False, self.device)
+            self.notes.append(f"{self.device.type} {backend}: {n} projections in FP8"
+                              + (" (emulated: no FP8 hardware)" if fp8_cfg.emulate else ""))
         model.to(self.device).train()
         aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
         if aux is not None:
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
                                     shapes=shapes, median_ms=t.median_ms, iqr_ms=t.iqr_ms,
                                     peak_extra_mb=to_mib(t.peak_extra_bytes), variant=variant, items_per_s=ips,
                                     tflops=flops * ips / 1e12 if flops else None))
+        report.notes += case.notes
         base = next((r for r in rows if r.impl == "official"), None)
         for r in rows:
             if base is not None and r is not base:

@@ -226,9 +226,14 @@ def _parse_cli_value(dotted: str, text: str, typ: type) -> Any:
         raise ConfigError(f"{dotted}: expected true or false, got {text!r}")
     if typ in (int, float):
         try:
-            return typ(text) if typ is float or "." not in text and "e" not in text.lower() else int(float(text))
+            value = float(text)
         except ValueError:
             raise ConfigError(f"{dotted}: expected {typ.__name__}, got {text!r}") from None
+        if typ is int:  # 1000, 1e3 and 1_000 are ints; 3.5 is not
+            if not value.is_integer():
+                raise ConfigError(f"{dotted}: expected an int, got {text!r}")
+            return int(value)
+        return value
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -7,11 +7,12 @@ order, resampling, shuffle buffer, per-sample augmentation) comes from generator
 (training.seed, stream id, epoch / sample index), so the stream is a pure function of the
 config and of the position in it.
 
-Position and resume: the loader hands out batches round-robin over workers, so the number of
-batches consumed fixes how many each worker produced. A resumed run rebuilds the streams and
-skips that many raw samples per worker before decoding (cheap: no image decode, no model), so
-it continues with exactly the batches it would have seen. The position is saved in every
-checkpoint (rank-R.pt).
+Position and resume: every batch carries its worker's raw stream position (and corrupt-data
+counters); the checkpoint stores each worker's last one (rank-R.pt). A resumed run rebuilds
+the streams and skips raw samples up to those positions before decoding anything (no image
+decode, no model), so it continues with exactly the batches it would have seen. Loader worker
+ids are rotated by the number of batches consumed, so the round-robin over workers resumes at
+the right one.
 
 Splits:
 - shard (default, scales): shard lists are assigned per (rank, worker); with resampling each

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -130,5 +130,3 @@ def per_sample_generators(seeds: list[int] | torch.Tensor, salt: int) -> list[to
     seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
     return [torch.Generator().manual_seed((int(s) * 1000003 + salt) % (1 << 63)) for s in seeds]
 
-
-LossFn = Callable[[nn.Module, dict, int], StepOutput]

@@ -29,6 +29,7 @@ def test_overrides_are_typed_and_applied():
     (["--fp8.backend", "fp4"], "fp8.backend"),
     (["--loss.no_such_weight", "1"], "loss.no_such_weight"),
     (["--training.steps", "0"], "training.steps"),
+    (["--training.steps", "3.5"], "training.steps"),
     (["--optimizer.betas", "[0.9]"], "optimizer.betas"),
     (["--job.recipe", "gan"], "job.recipe"),
 ])
