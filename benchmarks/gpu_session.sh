@@ -22,3 +22,10 @@ run ops ops
 run tokenizer tokenizer --preset tatitok_bl32_vae --batch 64
 run generate_vq_xl generate --generator maskgen_vq_xl --batch 64
 run generate_kl_xl generate --generator maskgen_kl_xl --batch 32
+# training: the engine's GPU paths, then one step of ours (bf16, torchao FP8, TE FP8 where installed)
+# vs the official training step when OFFICIAL points at a 1d-tokenizer checkout
+python -m pytest -q tests/training -x -p no:cacheprovider > "$OUT/train_tests.log" 2>&1; echo "rc=$?" >> "$OUT/train_tests.log"
+tail -3 "$OUT/train_tests.log"
+run train_vq_xl train --recipe maskgen_vq_xl_stage1 --batch 128 ${OFFICIAL:+--official "$OFFICIAL"}
+run train_kl_xl train --recipe maskgen_kl_xl_stage1 --batch 32 ${OFFICIAL:+--official "$OFFICIAL"}
+run train_tok_vq train --recipe tatitok_bl128_vq --batch 32 ${OFFICIAL:+--official "$OFFICIAL"}

@@ -131,8 +131,6 @@ class Trainer:
             with self._grad_sync(micro == accum - 1):
                 with annotate("forward"), self._autocast(), self.fp8_ctx():
                     out = self.recipe.forward_loss(self.model, batch, self.step)
-                if not torch.isfinite(out.loss.detach()).all() and t.mixed_precision == "fp32":
-                    raise FloatingPointError(f"step {self.step}: loss is {out.loss.item()}")
                 with annotate("backward"):
                     (out.loss / accum).backward()
             for k, v in {"loss": out.loss, **out.metrics}.items():
@@ -189,8 +187,9 @@ class Trainer:
             n += 1
             last, stopping = self.step == total, self.step == stop
             if self.step % cfg.metrics.log_freq == 0 or stopping:
-                values = parallel.all_reduce_mean({k: v / n for k, v in window.items()}, self.world)
-                values.update({f"data/{k}": float(v) for k, v in self.position.totals().items()})
+                counts = {f"data/{k}": torch.tensor(float(v)) for k, v in self.position.totals().items()}
+                values = parallel.all_reduce_mean({**{k: v / n for k, v in window.items()}, **counts}, self.world)
+                values.update({k: values[k] * self.world.world_size for k in counts})  # sums over ranks
                 self.metrics.log(self.step, values)
                 window, n = {}, 0
             if cfg.samples.interval and (self.step % cfg.samples.interval == 0 or last):
