@@ -2,7 +2,6 @@
 overrides), starting weights (init_from) and the frozen CLIP text tower."""
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -86,9 +85,15 @@ def text_encoder(spec: dict, device: torch.device):
     return enc.eval().requires_grad_(False)
 
 
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Model init under a fixed seed, leaving the global RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+def build(cls: type, config: dict, cfg) -> nn.Module:
+    """`cls(config)` initialised under training.seed (the global RNG left as it was), then
+    model.init_from's weights when given; a config the class rejects is a ConfigError."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.training.seed)
+            model = cls(config)
+    except (KeyError, ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"model.config {cfg.model.config}: {exc}") from None
+    if cfg.model.init_from:
+        load_initial_weights(model, cfg.model.init_from, cfg.model.init_strict)
+    return model

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tatitok_fast.training.config import ConfigError, opt
+from tatitok_fast.training.config import opt
 from tatitok_fast.training.recipes import common
 from tatitok_fast.training.spec import Recipe, StepOutput, per_sample_generators
 
@@ -44,14 +44,7 @@ class MaskGenRecipe(Recipe):
 
         config = common.model_config(self.cfg.model, "generator")
         self.mode = config["model"]["vq_model"].get("quantize_mode", "vq")
-        cls = MaskGen_KL if self.mode == "vae" else MaskGen_VQ
-        try:
-            with common.seeded(self.cfg.training.seed):
-                model = cls(config)
-        except (KeyError, ValueError, NotImplementedError) as exc:
-            raise ConfigError(f"model.config {self.cfg.model.config}: {exc}") from None
-        if self.cfg.model.init_from:
-            common.load_initial_weights(model, self.cfg.model.init_from, self.cfg.model.init_strict)
+        model = common.build(MaskGen_KL if self.mode == "vae" else MaskGen_VQ, config, self.cfg)
         for block in self.blocks(model)[: model.config["model"]["maskgen"]["decoder_depth"]]:
             if block.context_pre_only:  # its text queries are never computed: no gradient, no optimizer state
                 block.attn.add_q_proj.requires_grad_(False)

@@ -65,14 +65,7 @@ class TATiTokRecipe(Recipe):
     def build_model(self) -> nn.Module:
         from tatitok_fast import TATiTok
 
-        config = common.model_config(self.cfg.model, "tokenizer")
-        try:
-            with common.seeded(self.cfg.training.seed):
-                model = TATiTok(config)
-        except (KeyError, ValueError, NotImplementedError) as exc:
-            raise ConfigError(f"model.config {self.cfg.model.config}: {exc}") from None
-        if self.cfg.model.init_from:
-            common.load_initial_weights(model, self.cfg.model.init_from, self.cfg.model.init_strict)
+        model = common.build(TATiTok, common.model_config(self.cfg.model, "tokenizer"), self.cfg)
         self.mode, self.crop = model.quantize_mode, self.cfg.data.crop_size or model.image_size
         if self.crop != model.image_size:
             raise ConfigError(f"data.crop_size: {self.crop} differs from the model's crop_size {model.image_size}")
