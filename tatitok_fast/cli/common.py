@@ -30,6 +30,15 @@ DEFAULT_TEXT_ENCODER = {"name": "ViT-L-14-336", "pretrained": "openai"}
 TEXT_ENCODER_KEY = "model.text_encoder"  # where a config records its text encoder (a from_spec dict)
 
 
+def add_sampling_arguments(parser) -> None:
+    """MaskGen sampling overrides (generate, eval generate); None = the generator config's."""
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator config's)")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the generator config's)")
+    parser.add_argument("--aesthetic", type=float, default=None, help="aesthetic score condition (default: config's)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: config's)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graph")
+
+
 def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-model", default=None,
                         help="open_clip text tower (default: the one the checkpoint's config names in "

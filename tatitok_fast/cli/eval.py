@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_text_encoder_arguments, load_text_encoder,
+from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_sampling_arguments,
+                                     add_text_encoder_arguments, load_text_encoder,
                                      load_tokenizer, run_command, runtime)
 
 
@@ -56,11 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="its pretrained tag, a local weights file, or 'random' (default: openai)")
     g.add_argument("--no-clip-score", action="store_true", help="skip the CLIP score")
     g.add_argument("--images-dir", default=None, help="also save every generated image here")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator config's)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the generator config's)")
-    g.add_argument("--aesthetic", type=float, default=None, help="aesthetic score condition (default: config's)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: config's)")
-    g.add_argument("--eager", action="store_true", help="no CUDA graph")
+    add_sampling_arguments(g)
     _add_common(g)
     g.set_defaults(func=run_command(eval_generate))
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_text_encoder_arguments, load_text_encoder,
+from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_sampling_arguments,
+                                     add_text_encoder_arguments, load_text_encoder,
                                      load_tokenizer, run_command, runtime)
 
 
@@ -21,11 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", required=True, help="MaskGen preset, Hub repo id or checkpoint directory")
     p.add_argument("--tokenizer", required=True, help="TA-TiTok preset, Hub repo id or checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the generator config's)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the generator config's)")
-    p.add_argument("--aesthetic", type=float, default=None, help="aesthetic score condition (default: config's)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: config's)")
-    p.add_argument("--eager", action="store_true", help="no CUDA graph")
+    add_sampling_arguments(p)
     add_runtime_arguments(p)
     add_text_encoder_arguments(p)
     p.set_defaults(func=run_command(generate))
