@@ -14,11 +14,12 @@ OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-
 TA_TITOK_CONFIG = OFFICIAL / "configs" / "training" / "TA-TiTok" / "tatitok_bl32_vq.yaml"
 
 
-def import_official(module: str):
-    """Import `module` from the official code, or skip the test when it is not there."""
+def import_official(module: str, deps=("omegaconf", "einops", "accelerate", "torchvision")):
+    """Import `module` from the official code, or skip the test when it (or one of `deps`,
+    the packages it imports) is not there."""
     if not OFFICIAL.is_dir():
         pytest.skip(f"official code not found at {OFFICIAL.resolve()}")
-    for dep in ("omegaconf", "einops", "accelerate", "torchvision"):
+    for dep in deps:
         pytest.importorskip(dep)
     if str(OFFICIAL) not in sys.path:
         sys.path.insert(0, str(OFFICIAL))

@@ -1,29 +1,18 @@
 """MaskGen-VQ training loss (tatitok_fast.models.maskgen_loss.masked_token_loss) against the
 reference's MLMLoss, alone and after the reference's MaskGen_VQ training forward with the same
 weights, inputs and masks (../shared/peer/1d-tokenizer, imported at test time)."""
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from tatitok_fast import MaskGen_VQ
 from tatitok_fast.models.maskgen_loss import masked_token_loss
 from tests.helpers import tiny_generator_config
-
-OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"
+from tests.models import official_losses
 
 
 def import_official(module: str):
-    """A module of the reference code, or skip when it (or what it imports) is missing."""
-    if not OFFICIAL.is_dir():
-        pytest.skip(f"the reference code is not at {OFFICIAL.resolve()}")
-    for dep in ("omegaconf", "einops", "diffusers", "open_clip"):
-        pytest.importorskip(dep)
-    if str(OFFICIAL) not in sys.path:
-        sys.path.insert(0, str(OFFICIAL))
-    return importlib.import_module(module)
+    """A module of the reference code (modeling.maskgen needs diffusers and open_clip)."""
+    return official_losses.import_official(module, ("omegaconf", "einops", "diffusers", "open_clip"))
 
 
 def official_config(config: dict, **losses):
