@@ -114,3 +114,17 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, pad: int 
         r, c = divmod(i, ncols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def interleave_rows(originals: Sequence[Image.Image], reconstructions: Sequence[Image.Image],
+                    ncols: int = 8) -> tuple[list[Image.Image], int]:
+    """Cells for make_grid: rows of up to `ncols` originals, each row followed by the row of
+    their reconstructions (short last rows padded white). Returns (cells, ncols)."""
+    ncols = min(ncols, len(originals))
+    blank = Image.new("RGB", originals[0].size, (255, 255, 255))
+    cells: list[Image.Image] = []
+    for j in range(0, len(originals), ncols):
+        pad = [blank] * (ncols - len(originals[j:j + ncols]))
+        cells += list(originals[j:j + ncols]) + pad + list(reconstructions[j:j + ncols]) + pad
+    return cells, ncols
+

@@ -156,17 +156,9 @@ def eval_reconstruct(args: argparse.Namespace) -> int:
                "inputs": list(args.images), "metrics": result, **_meta(args, device, dtype, features)}
     cells, ncols = None, 8
     if samples is not None:  # rows of originals, each followed by the row of their reconstructions
-        from PIL import Image
+        from tatitok_fast.images import interleave_rows, to_pil
 
-        from tatitok_fast.images import to_pil
-
-        o, r = to_pil(samples["originals"]), to_pil(samples["reconstructions"])
-        ncols = min(8, len(o))
-        blank = Image.new("RGB", o[0].size, (255, 255, 255))
-        cells = []
-        for j in range(0, len(o), ncols):
-            pad = [blank] * (ncols - len(o[j:j + ncols]))
-            cells += o[j:j + ncols] + pad + r[j:j + ncols] + pad
+        cells, ncols = interleave_rows(to_pil(samples["originals"]), to_pil(samples["reconstructions"]))
     _write(out, grid, metrics, cells, ncols)
     return 0
 

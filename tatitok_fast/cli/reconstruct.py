@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_text_encoder_arguments, load_text_encoder,
@@ -39,7 +38,7 @@ def _captions(files: list[Path], caption: str | None) -> list[str]:
 
 
 def reconstruct(args: argparse.Namespace) -> int:
-    from tatitok_fast.images import list_image_files, load_images, make_grid, to_pil
+    from tatitok_fast.images import interleave_rows, list_image_files, load_images, make_grid, to_pil
 
     device, dtype = runtime(args)
     try:
@@ -67,13 +66,6 @@ def reconstruct(args: argparse.Namespace) -> int:
             rec.save(out_dir / f"{f.stem}_recon.png")
             originals.append(orig)
             recons.append(rec)
-    # rows of up to 8 originals, each followed by the row of their reconstructions
-    ncols = min(8, len(originals))
-    blank = Image.new("RGB", originals[0].size, (255, 255, 255))
-    cells = []
-    for j in range(0, len(originals), ncols):
-        pad = [blank] * (ncols - len(originals[j:j + ncols]))
-        cells += originals[j:j + ncols] + pad + recons[j:j + ncols] + pad
-    make_grid(cells, ncols=ncols).save(out_dir / "grid.png")
+    make_grid(*interleave_rows(originals, recons)).save(out_dir / "grid.png")
     print(f"wrote {len(recons)} reconstructions and grid.png to {out_dir}")
     return 0
