@@ -21,9 +21,10 @@ from tatitok_fast.benchmarks.official import import_official, official_model
 
 
 @contextlib.contextmanager
-def _offline_perceptual():
+def offline_perceptual():
     """torchvision builders with weights=None and LPIPS without its download, while the
-    official loss module is constructed."""
+    official loss module is constructed (`modeling.modules.lpips` must be imported). LPIPS only
+    reads vgg16().features: the stand-in skips building the 120M-parameter classifier."""
     import torchvision.models as tvm
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -58,7 +59,7 @@ def _tokenizer_loss(case, root):
     ours = case.cfg.loss
     cfg.losses.discriminator_start = ours.discriminator_start
     cfg.losses.perceptual_loss = ours.perceptual_loss
-    with _offline_perceptual():
+    with offline_perceptual():
         return ReconstructionLoss_Single_Stage(cfg)
 
 

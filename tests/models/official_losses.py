@@ -31,19 +31,11 @@ def import_official(module: str, deps=("omegaconf", "einops", "accelerate", "tor
 @contextmanager
 def offline_official_builders():
     """torchvision's vgg16 / convnext_small build with weights=None and LPIPS skips its
-    download, while official modules are constructed. (LPIPS only reads vgg16().features: the
-    stand-in skips building the 120M-parameter classifier.)"""
-    from types import SimpleNamespace
+    download, while official modules are constructed (the benchmarks' patch, used here too)."""
+    from tatitok_fast.benchmarks.official_training import offline_perceptual
 
-    import torchvision.models as tvm
-    from torchvision.models.vgg import cfgs, make_layers
-
-    lpips = import_official("modeling.modules.lpips")
-    convnext_small = tvm.convnext_small
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tvm, "vgg16", lambda weights=None, **kw: SimpleNamespace(features=make_layers(cfgs["D"])))
-        mp.setattr(tvm, "convnext_small", lambda weights=None, **kw: convnext_small(weights=None, **kw))
-        mp.setattr(lpips.LPIPS, "load_pretrained", lambda self: None)
+    import_official("modeling.modules.lpips")
+    with offline_perceptual():
         yield
 
 
