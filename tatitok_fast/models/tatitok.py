@@ -55,6 +55,13 @@ class PackedSelfAttention(nn.Module):
     def in_proj_bias(self) -> torch.Tensor:
         return self.in_proj.bias
 
+    @torch.no_grad()
+    def reset_like_multihead_attention(self) -> None:
+        """nn.MultiheadAttention._reset_parameters: xavier-uniform packed QKV, zero biases"""
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        self.in_proj.bias.zero_()
+        self.out_proj.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, seq, width = x.shape
         qkv = self.in_proj(x).view(b, seq, 3, self.heads, width // self.heads)  # (B, L, 3, H, Dh)
@@ -359,11 +366,16 @@ class TATiTok(PretrainedModel):
         self.num_latent_tokens = vq["num_latent_tokens"]
         self.token_size = vq["token_size"]
         self.image_size = config["dataset"]["preprocessing"]["crop_size"]
+        # The reference's init: TiTok.__init__ applies _init_weights (trunc-normal 0.02) to the
+        # encoder, then TATiTok swaps in its text-aware decoder, which keeps PyTorch's default
+        # init. nn.MultiheadAttention's packed in_proj is a bare Parameter: xavier, zero bias.
         self.encoder = TiTokEncoder(config)
-        self.decoder = TATiTokDecoder(config)
         self.latent_tokens = nn.Parameter(self.encoder.width ** -0.5 * torch.randn(self.num_latent_tokens,
                                                                                    self.encoder.width))
-        self.apply(self._init_weights)
+        self.encoder.apply(self._init_weights)
+        self.decoder = TATiTokDecoder(config)
+        for attn in (m for m in self.modules() if isinstance(m, PackedSelfAttention)):
+            attn.reset_like_multihead_attention()
         if self.quantize_mode == "vq":
             self.codebook_size = vq["codebook_size"]
             self.quantize = VectorQuantizer(vq["codebook_size"], vq["token_size"], vq.get("commitment_cost", 0.25),

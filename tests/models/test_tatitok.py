@@ -242,3 +242,29 @@ def test_no_host_sync_in_encode_decode(tiny_vq):
             model.decode_tokens(ids, guidance)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_initialisation_follows_the_reference():
+    """From-scratch training starts where the official code starts: TiTok's trunc-normal(0.02)
+    init on the encoder only, PyTorch defaults on the text-aware decoder (built after it), and
+    nn.MultiheadAttention's xavier QKV everywhere. Compared tensor by tensor (std, zeros, ones)."""
+    from tests.models.official_losses import import_official
+
+    official = import_official("modeling.tatitok", ("omegaconf", "einops"))
+    vq = {"quantize_mode": "vq", "vit_enc_model_size": "small", "vit_dec_model_size": "small",
+          "vit_enc_patch_size": 16, "vit_dec_patch_size": 16, "num_latent_tokens": 32, "token_size": 12,
+          "codebook_size": 64, "commitment_cost": 0.25, "use_l2_norm": True, "clustering_vq": False,
+          "finetune_decoder": False, "is_legacy": False, "text_embed_dim": 64}
+    config = {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": 64}}}
+    torch.manual_seed(0)
+    want = official.TATiTok(config).state_dict()
+    got = TATiTok(config).state_dict()
+    assert sorted(got) == sorted(want)
+    for key, w in want.items():
+        g = got[key].float()
+        assert g.shape == w.shape, key
+        if torch.all(w == 0) or torch.all(w == 1):
+            assert torch.equal(g, w.float()), f"{key}: expected constant {w.flatten()[0].item()}"
+        elif w.numel() >= 256:
+            ratio = g.std().item() / w.float().std().item()
+            assert 0.85 < ratio < 1.18, f"{key}: init std {g.std().item():.4g}, reference {w.float().std().item():.4g}"
