@@ -87,3 +87,18 @@ def tiny_text_encoder(seed: int = 0):
     from tatitok_fast.text import CLIPTextEncoder
 
     return CLIPTextEncoder.tiny(seed)
+
+
+def assert_same_init(got: dict, want: dict, min_numel: int = 256) -> None:
+    """Two freshly initialised state dicts (ours, the official model's) come from the same
+    init: same keys and shapes, equal constant tensors (zeros, ones), and the std of every
+    tensor with at least min_numel elements within 15 %."""
+    assert sorted(got) == sorted(want)
+    for key, w in want.items():
+        g, w = got[key].float(), w.float()
+        assert g.shape == w.shape, key
+        if torch.all(w == 0) or torch.all(w == 1):
+            assert torch.equal(g, w), f"{key}: expected constant {w.flatten()[0].item()}"
+        elif w.numel() >= min_numel:
+            ratio = g.std().item() / w.std().item()
+            assert 0.85 < ratio < 1.18, f"{key}: init std {g.std().item():.4g}, official {w.std().item():.4g}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
-from tests.helpers import tiny_generator_config, tiny_text_encoder
+from tests.helpers import assert_same_init, tiny_generator_config, tiny_text_encoder
 
 OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"
 CAPTIONS = ["a cat on a mat", "a red car", ""]
@@ -177,3 +177,16 @@ def test_kl_aes_scores_none_uses_the_config_value(text_encoder):
     assert not torch.equal(other, outs[0]), "the score conditions the samples"
     with pytest.raises(ValueError, match=r"aes_scores: expected one score per sample, shape \(2,\)"):
         kl.sample_tokens(2, num_iter=3, captions=["a", "b"], aes_scores=torch.ones(3), text_encoder=text_encoder)
+
+
+@pytest.mark.parametrize("kind", ["vq", "vae"])
+def test_initialisation_follows_official(official, kind):
+    """Training from scratch starts from the official init: every tensor of a freshly built
+    model has the official one's spread (std within 15 %), and the constant ones are equal."""
+    config = tiny_generator_config(kind)
+    if kind == "vq":  # wide enough for the std of every matrix to be a tight statistic
+        config["model"]["maskgen"].update(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=4)
+    torch.manual_seed(0)
+    want = (official.MaskGen_VQ if kind == "vq" else official.MaskGen_KL)(config).state_dict()
+    got = (MaskGen_VQ if kind == "vq" else MaskGen_KL)(config).state_dict()
+    assert_same_init(got, want)
