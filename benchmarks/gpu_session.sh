@@ -3,9 +3,11 @@
 # GPU tests, then every benchmark, with logs and tables under ${OUT:-gpu_out}.
 #   OUT=/path bash benchmarks/gpu_session.sh
 set -uo pipefail
+# OFFICIAL: a bytedance/1d-tokenizer checkout to benchmark against (default: ../shared/peer/1d-tokenizer)
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+if [ -z "${OFFICIAL:-}" ] && [ -d ../shared/peer/1d-tokenizer ]; then OFFICIAL=../shared/peer/1d-tokenizer; fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 export TATITOK_FAST_TARGET=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-4}
@@ -19,9 +21,11 @@ run() {  # name, then the bench arguments
   cat "$OUT/$name.md" 2>/dev/null
 }
 run ops ops
-run tokenizer tokenizer --preset tatitok_bl32_vae --batch 64
-run generate_vq_xl generate --generator maskgen_vq_xl --batch 64
-run generate_kl_xl generate --generator maskgen_kl_xl --batch 32
+# inference: ours next to the official fp32 eager and autocast-bf16 paths when OFFICIAL is set
+run tokenizer_bl32_vae tokenizer --preset tatitok_bl32_vae --batch 64 ${OFFICIAL:+--official "$OFFICIAL"}
+run tokenizer_bl128_vq tokenizer --preset tatitok_bl128_vq --batch 64 ${OFFICIAL:+--official "$OFFICIAL"}
+run generate_vq_xl generate --generator maskgen_vq_xl --batch 64 --steps 16 ${OFFICIAL:+--official "$OFFICIAL"}
+run generate_kl_xl generate --generator maskgen_kl_xl --batch 32 ${OFFICIAL:+--official "$OFFICIAL"}
 # training: the engine's GPU paths, then one step of ours (bf16, torchao FP8, TE FP8 where installed)
 # vs the official training step when OFFICIAL points at a 1d-tokenizer checkout
 python -m pytest -q tests/training -x -p no:cacheprovider > "$OUT/train_tests.log" 2>&1; echo "rc=$?" >> "$OUT/train_tests.log"
