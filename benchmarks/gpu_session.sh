@@ -3,11 +3,14 @@
 # GPU tests, then every benchmark, with logs and tables under ${OUT:-gpu_out}.
 #   OUT=/path bash benchmarks/gpu_session.sh
 set -uo pipefail
-# OFFICIAL: a bytedance/1d-tokenizer checkout to benchmark against (default: ../shared/peer/1d-tokenizer)
+# OFFICIAL: a bytedance/1d-tokenizer checkout to benchmark against (default: shared/peer/1d-tokenizer
+# beside the repository, or inside it as the device machines carry it)
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-if [ -z "${OFFICIAL:-}" ] && [ -d ../shared/peer/1d-tokenizer ]; then OFFICIAL=../shared/peer/1d-tokenizer; fi
+for d in ../shared/peer/1d-tokenizer shared/peer/1d-tokenizer; do
+  if [ -z "${OFFICIAL:-}" ] && [ -d "$d" ]; then OFFICIAL=$d; fi
+done
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 export TATITOK_FAST_TARGET=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-4}
