@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ, _check_captions
-from tatitok_fast.models.tatitok import TATiTok
+from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ, _check_captions
+from tatitok_fast.models.tokenizers.tatitok import TATiTok
 
 
 def check_compatible(generator: MaskGen_VQ | MaskGen_KL, tokenizer: TATiTok) -> None:

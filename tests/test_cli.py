@@ -11,7 +11,7 @@ from PIL import Image
 
 from tatitok_fast import TATiTok
 from tatitok_fast.cli import main
-from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
 from tests.helpers import tiny_generator_config, tiny_text_encoder, tiny_tokenizer_config
 
 CLIP_NAME = "tatitok-fast-cli-test-clip"

@@ -55,7 +55,7 @@ def _check_ranges(args) -> None:
 
 def _load_generator(args, device, dtype):
     from tatitok_fast.checkpoint import CheckpointError
-    from tatitok_fast.models.maskgen import load_generator
+    from tatitok_fast.models.generators.maskgen import load_generator
 
     try:
         model = load_generator(args.generator, cache_dir=args.cache_dir, local_files_only=args.local_files_only)

@@ -312,7 +312,7 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, force: bool = Fals
     plan = PLANS["quick" if quick else "full"]
     stage = _Stages(STAGES)
     from tatitok_fast import TATiTok
-    from tatitok_fast.models.maskgen import load_generator
+    from tatitok_fast.models.generators.maskgen import load_generator
     from tatitok_fast.text import CLIPTextEncoder
 
     torch.manual_seed(seed)

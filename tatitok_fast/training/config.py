@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names the dotted key."""
+from tatitok_fast.training.errors import ConfigError
+from tatitok_fast.training.spec import loss_config_class
 
 
 def opt(default: Any, help: str, choices: Sequence[Any] | None = None):
@@ -290,8 +289,6 @@ def _apply_override(raw: dict, dotted: str, text: str, loss_cls: type | None) ->
 
 def load_config(path: str | Path | None, argv: Sequence[str] = ()) -> JobConfig:
     """TOML file (optional) + `--section.key value` overrides -> a validated JobConfig."""
-    from tatitok_fast.training.spec import loss_config_class
-
     raw: dict = {}
     if path is not None:
         try:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tatitok_fast.training.errors import ConfigError
+
 RECIPES: dict[str, str] = {
     "maskgen": "tatitok_fast.training.recipes.maskgen:MaskGenRecipe",
     "tatitok": "tatitok_fast.training.recipes.tatitok:TATiTokRecipe",
@@ -110,8 +112,6 @@ class Recipe:
 
 
 def recipe_class(name: str) -> type[Recipe]:
-    from tatitok_fast.training.config import ConfigError
-
     if name not in RECIPES:
         raise ConfigError(f"job.recipe: unknown recipe {name!r}; known: {sorted(RECIPES)}")
     module, _, attr = RECIPES[name].partition(":")

@@ -7,7 +7,7 @@ import pytest
 from tatitok_fast import TATiTok
 from tatitok_fast.cli import main
 from tatitok_fast.demo import run, shapes
-from tatitok_fast.models.maskgen import load_generator
+from tatitok_fast.models.generators.maskgen import load_generator
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tatitok_fast import TATiTok
 from tatitok_fast.cli import main
 from tatitok_fast.cli.common import DEFAULT_TEXT_ENCODER, CommandError, text_encoder_spec
 from tatitok_fast.images import to_pil
-from tatitok_fast.models.maskgen import MaskGen_VQ
+from tatitok_fast.models.generators.maskgen import MaskGen_VQ
 from tatitok_fast.pipeline import TextToImage
 from tatitok_fast.presets import tiny_generator_config, tiny_tokenizer_config
 from tatitok_fast.text import CLIPTextEncoder

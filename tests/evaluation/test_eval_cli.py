@@ -12,7 +12,7 @@ from PIL import Image
 from tatitok_fast import TATiTok
 from tatitok_fast.cli import main
 from tatitok_fast.evaluation import evaluate_reconstruction, psnr, ssim
-from tatitok_fast.models.maskgen import MaskGen_VQ
+from tatitok_fast.models.generators.maskgen import MaskGen_VQ
 from tests.helpers import tiny_generator_config, tiny_text_encoder, tiny_tokenizer_config
 
 CLIP_NAME = "tatitok-fast-eval-test-clip"

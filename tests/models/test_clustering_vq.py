@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tatitok_fast.models.tatitok import VectorQuantizer
+from tatitok_fast.models.tokenizers.quantizers import VectorQuantizer
 from tests.models.official_losses import import_official
 
 K, C, STEPS = 64, 8, 4

@@ -3,7 +3,7 @@ eagerly on CPU, as an asynchronous device-side assert (no host sync) on CUDA."""
 import pytest
 import torch
 
-from tatitok_fast.models.tatitok import TATiTok
+from tatitok_fast.models.tokenizers.tatitok import TATiTok
 from tatitok_fast.presets import tiny_tokenizer_config
 
 

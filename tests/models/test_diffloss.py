@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tatitok_fast.models.diffloss import DiffLoss, ResBlock, SimpleMLPAdaLN
-from tatitok_fast.models.layers import use_linear_factory
+from tatitok_fast.models.generators.diffloss import DiffLoss, ResBlock, SimpleMLPAdaLN
+from tatitok_fast.models.nn.layers import use_linear_factory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatitok_fast.models.diffloss import DiffLoss
-from tatitok_fast.models.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
+from tatitok_fast.models.generators.diffloss import DiffLoss
+from tatitok_fast.models.generators.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 
 REF_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "diffloss_ref.pt"
 

@@ -3,7 +3,7 @@ logits and input gradients match on even and odd image sizes."""
 import pytest
 import torch
 
-from tatitok_fast.models.discriminator import BlurBlock, NLayerDiscriminator
+from tatitok_fast.losses.discriminator import BlurBlock, NLayerDiscriminator
 from tests.models.official_losses import import_official
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tatitok_fast.models.graph_runner import CapturedLoop, _GraphRunner, parameter_fingerprint
+from tatitok_fast.models.generators.graph_runner import CapturedLoop, _GraphRunner, parameter_fingerprint
 from tests.helpers import HAS_CUDA, tiny_generator_config, tiny_text_encoder
 
 
@@ -111,7 +111,7 @@ def test_copies_start_empty_and_bad_size():
 
 
 def test_generator_model_copy_has_an_empty_cache():
-    from tatitok_fast.models.maskgen import MaskGen_VQ
+    from tatitok_fast.models.generators.maskgen import MaskGen_VQ
 
     model = MaskGen_VQ(tiny_generator_config("vq"))
     model._graphs.graphs["stale"] = None  # what a capture would leave
@@ -127,7 +127,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @cuda_only
 @pytest.mark.parametrize("mode", ["vq", "vae"])
 def test_cuda_graph_same_answer_as_eager_for_one_seed(mode):
-    from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+    from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
 
     torch.manual_seed(0)
     model = (MaskGen_VQ if mode == "vq" else MaskGen_KL)(tiny_generator_config(mode)).cuda().eval()

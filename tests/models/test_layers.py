@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tatitok_fast.models.layers import FastLinear, Linear, conv2d, cpu_upcasts, linear
-from tatitok_fast.models.tatitok import _patch_embed
+from tatitok_fast.models.nn.layers import FastLinear, Linear, conv2d, cpu_upcasts, linear
+from tatitok_fast.models.tokenizers.vit import _patch_embed
 
 
 def _err(got, want):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ, get_masking_ratio
+from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ, get_masking_ratio
 from tatitok_fast.presets import GENERATORS
 from tests.helpers import (FIXTURES, HAS_CUDA, tiny_generator_config, tiny_text_encoder, write_parity_checkpoint)
 
@@ -328,7 +328,7 @@ def test_vq_sampling_loop_has_no_host_sync(vq_model):
 
 
 def test_load_generator_picks_the_class_from_the_config(tmp_path, kl_model):
-    from tatitok_fast.models.maskgen import load_generator
+    from tatitok_fast.models.generators.maskgen import load_generator
 
     kl_model.save_pretrained(tmp_path / "kl")
     assert type(load_generator(tmp_path / "kl")) is MaskGen_KL

@@ -1,11 +1,11 @@
-"""MaskGen-VQ training loss (tatitok_fast.models.maskgen_loss.masked_token_loss) against the
+"""MaskGen-VQ training loss (tatitok_fast.losses.generator.masked_token_loss) against the
 reference's MLMLoss, alone and after the reference's MaskGen_VQ training forward with the same
 weights, inputs and masks (../shared/peer/1d-tokenizer, imported at test time)."""
 import pytest
 import torch
 
 from tatitok_fast import MaskGen_VQ
-from tatitok_fast.models.maskgen_loss import masked_token_loss
+from tatitok_fast.losses.generator import masked_token_loss
 from tests.helpers import tiny_generator_config
 from tests.models import official_losses
 

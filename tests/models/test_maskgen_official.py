@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
 from tests.helpers import assert_same_init, tiny_generator_config, tiny_text_encoder
 
 OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"

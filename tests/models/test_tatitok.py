@@ -206,7 +206,7 @@ def test_kl_training_losses_have_gradients():
 
 
 def test_clustering_vq_refresh_follows_the_reference_formula():
-    from tatitok_fast.models.tatitok import VectorQuantizer
+    from tatitok_fast.models.tokenizers.quantizers import VectorQuantizer
 
     torch.manual_seed(0)
     q = VectorQuantizer(16, 4, clustering_vq=True).train()

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from tatitok_fast.models.perceptual import PerceptualLoss, parse_perceptual_spec
-from tatitok_fast.models.tatitok import DiagonalGaussianDistribution
-from tatitok_fast.models.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
+from tatitok_fast.losses.perceptual import PerceptualLoss, parse_perceptual_spec
+from tatitok_fast.models.tokenizers.quantizers import DiagonalGaussianDistribution
+from tatitok_fast.losses.tokenizer import TokenizerLoss, TokenizerLossConfig
 from tatitok_fast.weight_files import WeightsFileError
 from tests.models.official_losses import build_official_loss, copy_official_perceptual, import_official
 
@@ -86,7 +86,7 @@ def test_generator_vq_matches_official(vq_pair, step):
 def test_generator_default_spec_with_convnext_matches_official(monkeypatch):
     """The official spec: LPIPS + ConvNeXt-S logits (our PerceptualLoss runs the official's
     torchvision ConvNeXt-S instance: same weights, one network built instead of two)."""
-    import tatitok_fast.models.perceptual as perceptual
+    import tatitok_fast.losses.perceptual as perceptual
 
     official = build_official_loss("vq", discriminator_start=D_START)
     monkeypatch.setattr(perceptual, "_convnext_small", lambda meta=False: official.perceptual_loss.convnext)

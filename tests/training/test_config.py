@@ -73,7 +73,7 @@ def test_parse_overrides_needs_section_and_value():
 def test_every_recipe_loads_and_builds_on_meta(path):
     """Each shipped recipe is a valid config whose model builds (on the meta device: no memory)."""
     from tatitok_fast import TATiTok
-    from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+    from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
     from tatitok_fast.training.recipes.common import model_config
 
     cfg = load_config(path, SHARD)

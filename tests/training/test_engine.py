@@ -146,7 +146,7 @@ def test_torchao_fp8_emulated_trains_close_to_bf16(shards, tmp_path):
     assert torch.isfinite(b).all()
     torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
     export = next((f8 / "export").iterdir())
-    from tatitok_fast.models.maskgen import MaskGen_VQ
+    from tatitok_fast.models.generators.maskgen import MaskGen_VQ
 
     MaskGen_VQ.from_pretrained(export)  # Float8Linear weights export under the official names
 
@@ -193,7 +193,7 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
 
 
 def test_export_loads_and_generates(shards, tmp_path):
-    from tatitok_fast.models.maskgen import MaskGen_VQ
+    from tatitok_fast.models.generators.maskgen import MaskGen_VQ
     from tatitok_fast.text import CLIPTextEncoder
 
     run = tmp_path / "run"

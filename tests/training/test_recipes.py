@@ -73,7 +73,7 @@ def test_tokenizer_trains_and_reconstructs_better(tokenizer_run, images):
 
 def test_generator_trains_on_tokenized_shards(tokenizer_run, images, tmp_path):
     from tatitok_fast.cli import main as cli
-    from tatitok_fast.models.maskgen import load_generator
+    from tatitok_fast.models.generators.maskgen import load_generator
 
     mode, run = tokenizer_run
     tokenizer = run / "export" / f"step-{STEPS}"

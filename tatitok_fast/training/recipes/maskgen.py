@@ -40,7 +40,7 @@ class MaskGenRecipe(Recipe):
 
     # ---- model ----
     def build_model(self) -> nn.Module:
-        from tatitok_fast.models.maskgen import MaskGen_KL, MaskGen_VQ
+        from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
 
         config = common.model_config(self.cfg.model, "generator")
         self.mode = config["model"]["vq_model"].get("quantize_mode", "vq")
@@ -93,7 +93,7 @@ class MaskGenRecipe(Recipe):
     def _vq_masks(self, seeds, n: int) -> torch.Tensor:
         """(B, N) bool: per sample t ~ U(0, 1), ratio = arccos schedule, round(N * ratio) >= 1
         positions chosen uniformly (the official per-sample masking)."""
-        from tatitok_fast.models.maskgen import get_masking_ratio
+        from tatitok_fast.models.generators.maskgen import get_masking_ratio
 
         rows = []
         for g in per_sample_generators(seeds, SALT_MASK):
@@ -107,7 +107,7 @@ class MaskGenRecipe(Recipe):
     def forward_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
         aes = batch["aes_score"]
         if self.mode == "vq":
-            from tatitok_fast.models.maskgen_loss import masked_token_loss
+            from tatitok_fast.losses.generator import masked_token_loss
 
             tokens, masks = batch["tokens"], batch["masks"]
             logits, _ = model(tokens, batch["condition"], batch["condition_pooled"], aes, masks=masks)

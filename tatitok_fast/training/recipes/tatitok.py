@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tatitok_fast.models.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
+from tatitok_fast.losses.tokenizer import TokenizerLoss, TokenizerLossConfig
 from tatitok_fast.training.config import ConfigError
 from tatitok_fast.training.data import decode_image
 from tatitok_fast.training.recipes import common

@@ -3,15 +3,15 @@ CUDA-graph cache, config validation and the mask-by-order dispatch."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
-from tatitok_fast.models.graph_runner import _GraphRunner
-from tatitok_fast.models.pretrained import PretrainedModel
-from tatitok_fast.models.text_conditions import _check_captions, text_conditions
+from tatitok_fast.models.generators.graph_runner import _GraphRunner
+from tatitok_fast.models.nn.pretrained import PretrainedModel
+from tatitok_fast.models.generators.text_conditions import _check_captions, text_conditions
 from tatitok_fast.ops.reference import mask_by_order_ref
 
 
@@ -29,13 +29,24 @@ class _MaskGenBase(PretrainedModel):
         self.text_drop_prob = mg.get("text_drop_prob", 0.1)
         self._graphs = _GraphRunner()
 
+    # quantize mode -> generator class; each subclass registers itself (no import back)
+    _by_quantize_mode: ClassVar[dict[str, type["_MaskGenBase"]]] = {}
+    config_quantize_mode: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.config_quantize_mode is not None:
+            _MaskGenBase._by_quantize_mode[cls.config_quantize_mode] = cls
+
     @classmethod
     def class_for_config(cls, config: Mapping[str, Any]) -> type[PretrainedModel]:
         if cls is not _MaskGenBase:
             return cls
-        from tatitok_fast.models.maskgen_kl import MaskGen_KL
-        from tatitok_fast.models.maskgen_vq import MaskGen_VQ
-        return MaskGen_KL if cfg_get(config, "model.vq_model.quantize_mode", "vq") == "vae" else MaskGen_VQ
+        mode = cfg_get(config, "model.vq_model.quantize_mode", "vq")
+        if mode not in cls._by_quantize_mode:
+            raise ValueError(f"model.vq_model.quantize_mode: expected one of {sorted(cls._by_quantize_mode)}, "
+                             f"got {mode!r}")
+        return cls._by_quantize_mode[mode]
 
     @property
     def pooled_input_dim(self) -> int:

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tatitok_fast.models.discriminator import NLayerDiscriminator
-from tatitok_fast.models.perceptual import PerceptualLoss, parse_perceptual_spec
+from tatitok_fast.losses.discriminator import NLayerDiscriminator
+from tatitok_fast.losses.perceptual import PerceptualLoss, parse_perceptual_spec
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):

@@ -20,14 +20,14 @@ This module re-exports the public names; the code lives in
 from __future__ import annotations
 
 # re-exports (the underscored names are used by pipeline.py and tests)
-from tatitok_fast.models.graph_runner import _GraphRunner, _use_graph
-from tatitok_fast.models.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config
-from tatitok_fast.models.maskgen_kl import MaskGen_KL
-from tatitok_fast.models.maskgen_schedules import (GUIDANCE_DECAYS, MASK_SCHEDULES, KLStep, VQStep,
+from tatitok_fast.models.generators.graph_runner import _GraphRunner, _use_graph
+from tatitok_fast.models.generators.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config
+from tatitok_fast.models.generators.maskgen_kl import MaskGen_KL
+from tatitok_fast.models.generators.maskgen_schedules import (GUIDANCE_DECAYS, MASK_SCHEDULES, KLStep, VQStep,
                                                    _check_sampling_args, get_masking_ratio, sinusoid_halves,
                                                    sinusoid_interleaved)
-from tatitok_fast.models.maskgen_vq import MaskGen_VQ, TiedLMHead
-from tatitok_fast.models.text_conditions import _check_captions, _check_text_states, text_conditions
+from tatitok_fast.models.generators.maskgen_vq import MaskGen_VQ, TiedLMHead
+from tatitok_fast.models.generators.text_conditions import _check_captions, _check_text_states, text_conditions
 
 __all__ = ["MaskGen_VQ", "MaskGen_KL", "load_generator", "get_masking_ratio", "sinusoid_halves",
            "sinusoid_interleaved", "text_conditions", "TiedLMHead", "VQStep", "KLStep", "GUIDANCE_DECAYS",

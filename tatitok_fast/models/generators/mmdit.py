@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tatitok_fast.models.layers import Linear, attention
+from tatitok_fast.models.nn.layers import Linear, attention
 from tatitok_fast.ops import gated_residual, layernorm_modulate
 
 

@@ -8,14 +8,14 @@ import torch
 import torch.nn as nn
 
 from tatitok_fast import ops
-from tatitok_fast.models.graph_runner import _use_graph
-from tatitok_fast.models.layers import Linear, linear
-from tatitok_fast.models.maskgen_base import _MaskGenBase, _validate_generator_config, aesthetic_scores
-from tatitok_fast.models.maskgen_schedules import (GUIDANCE_DECAYS, VQStep, _check_sampling_args, get_masking_ratio,
+from tatitok_fast.models.generators.graph_runner import _use_graph
+from tatitok_fast.models.nn.layers import Linear, linear
+from tatitok_fast.models.generators.maskgen_base import _MaskGenBase, _validate_generator_config, aesthetic_scores
+from tatitok_fast.models.generators.maskgen_schedules import (GUIDANCE_DECAYS, VQStep, _check_sampling_args, get_masking_ratio,
                                                    sinusoid_halves)
-from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
-from tatitok_fast.models.pretrained import default_text_encoder
-from tatitok_fast.models.text_conditions import _check_captions, _check_text_states, text_conditions
+from tatitok_fast.models.generators.mmdit import AdaLayerNormContinuous, MMDiT
+from tatitok_fast.models.nn.pretrained import default_text_encoder
+from tatitok_fast.models.generators.text_conditions import _check_captions, _check_text_states, text_conditions
 from tatitok_fast.ops.reference import gumbel_noise, maskgen_unmask_step_ref
 
 
@@ -40,6 +40,7 @@ class MaskGen_VQ(_MaskGenBase):
             aesthetic_score (B,)) -> (logits (B, N, K), masks (B, N) in training else None).
     """
 
+    config_quantize_mode = "vq"
     tied_weights = {"lm_head.weight": "embeddings.weight"}
 
     def __init__(self, config: Mapping[str, Any]):

@@ -1,5 +1,5 @@
 """The DiffLoss head of MaskGen-KL: a per-token MLP denoiser with adaLN residual blocks,
-trained and sampled with the Gaussian diffusion of `tatitok_fast.models.diffusion`.
+trained and sampled with the Gaussian diffusion of `tatitok_fast.models.generators.diffusion`.
 
 Parameter names are those of the official checkpoints under `diffloss.` (`net.time_embed.mlp.0`,
 `net.res_blocks.{i}.adaLN_modulation.1`, `net.final_layer.linear`, ...). Every projection comes
@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tatitok_fast.models.diffusion import GaussianDiffusion
-from tatitok_fast.models.layers import Linear
+from tatitok_fast.models.generators.diffusion import GaussianDiffusion
+from tatitok_fast.models.nn.layers import Linear
 from tatitok_fast.ops import gated_residual, layernorm_modulate
 
 __all__ = ["TimestepEmbedder", "ResBlock", "FinalLayer", "SimpleMLPAdaLN", "DiffLoss"]

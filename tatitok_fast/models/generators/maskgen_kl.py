@@ -11,15 +11,15 @@ from tqdm import tqdm
 
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
-from tatitok_fast.models.diffloss import DiffLoss
-from tatitok_fast.models.graph_runner import _use_graph
-from tatitok_fast.models.layers import Linear
-from tatitok_fast.models.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config, aesthetic_scores
-from tatitok_fast.models.maskgen_schedules import KLStep, _check_sampling_args, get_masking_ratio, sinusoid_interleaved
-from tatitok_fast.models.mmdit import AdaLayerNormContinuous, MMDiT
-from tatitok_fast.models.pretrained import default_text_encoder
+from tatitok_fast.models.generators.diffloss import DiffLoss
+from tatitok_fast.models.generators.graph_runner import _use_graph
+from tatitok_fast.models.nn.layers import Linear
+from tatitok_fast.models.generators.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config, aesthetic_scores
+from tatitok_fast.models.generators.maskgen_schedules import KLStep, _check_sampling_args, get_masking_ratio, sinusoid_interleaved
+from tatitok_fast.models.generators.mmdit import AdaLayerNormContinuous, MMDiT
+from tatitok_fast.models.nn.pretrained import default_text_encoder
 from tatitok_fast.ops.reference import kl_sample_ref
-from tatitok_fast.models.text_conditions import _check_captions, text_conditions
+from tatitok_fast.models.generators.text_conditions import _check_captions, text_conditions
 
 
 class MaskGen_KL(_MaskGenBase):
@@ -30,6 +30,8 @@ class MaskGen_KL(_MaskGenBase):
     forward(imgs (B, 2C, 1, N) posterior parameters, condition, condition_pooled, aes_score)
     -> (diffusion loss, loss dict).
     """
+
+    config_quantize_mode = "vae"
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)

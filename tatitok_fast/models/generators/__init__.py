@@ -1,0 +1,1 @@
+"""Generators: conditions -> tokens. The MaskGen classes are re-exported by maskgen.py."""

@@ -1,0 +1,1 @@
+"""Layers shared by every model family, and the pretrained-model base class."""

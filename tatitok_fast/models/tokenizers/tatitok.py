@@ -1,0 +1,238 @@
+"""TA-TiTok: text-aware 1-D image tokenizer (VQ or KL tokens), drop-in for the reference
+`modeling.tatitok.TATiTok`: same config, same state-dict keys, same outputs.
+
+    images (B, 3, H, W) in [0, 1] --encoder--> (B, C, 1, N) --VQ / KL--> tokens
+    tokens + CLIP text guidance (B, 77, 768) --decoder--> images (B, 3, H, W)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from tatitok_fast.checkpoint import cfg_get
+from tatitok_fast.models.nn.layers import Linear, conv2d
+from tatitok_fast.models.nn.pretrained import PretrainedModel, default_text_encoder
+from tatitok_fast.models.tokenizers.quantizers import DiagonalGaussianDistribution, VectorQuantizer
+from tatitok_fast.models.tokenizers.vit import (VIT_SIZES, PackedSelfAttention, TiTokEncoder, Transformer,
+                                                _pointwise_conv, _vit_geometry)
+
+
+# ---------------------------------------------------------------------------------------
+# Text-aware decoder: [class, G*G mask tokens, latent tokens, text tokens] -> ViT -> pixels
+
+class TATiTokDecoder(nn.Module):
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        vq = config["model"]["vq_model"]
+        _vit_geometry(self, config, "dec")
+        self.token_size = vq["token_size"]
+        self.text_context_length = vq.get("text_context_length", 77)
+        self.text_embed_dim = vq.get("text_embed_dim", 768)
+        if self.is_legacy:
+            raise NotImplementedError("is_legacy=True decoders (TiTok's 1024-way VQGAN head) are not TA-TiTok models")
+
+        w = self.width
+        scale = w ** -0.5
+        self.decoder_embed = Linear(self.token_size, w)
+        self.class_embedding = nn.Parameter(scale * torch.randn(1, w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, w))
+        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, w))
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(self.num_latent_tokens, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = Transformer(w, self.num_layers, self.num_heads)
+        self.ln_post = nn.LayerNorm(w)
+        p = self.patch_size
+        self.ffn = nn.Sequential(nn.Conv2d(w, p * p * 3, 1, padding=0, bias=True))  # ffn.0; pixel shuffle in forward
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1, bias=True)
+        self.text_guidance_proj = Linear(self.text_embed_dim, w)
+        self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(self.text_context_length, w))
+
+    def forward(self, z_quantized: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
+        b, c, h, n = z_quantized.shape
+        if h != 1 or n != self.num_latent_tokens:
+            raise ValueError(f"tokens: expected (B, C, 1, {self.num_latent_tokens}), got {tuple(z_quantized.shape)}")
+        wdtype = self.class_embedding.dtype  # inputs follow the weights (fp32 tokens into a bf16 model)
+        x = self.decoder_embed(z_quantized.reshape(b, c, n).transpose(1, 2).to(wdtype))  # (B, N, D)
+        dtype = x.dtype
+        g2 = self.grid_size ** 2
+        prefix = torch.cat([self.class_embedding.to(dtype).unsqueeze(0), self.mask_token.to(dtype).expand(1, g2, -1)],
+                           dim=1) + self.positional_embedding.to(dtype)  # (1, 1+G*G, D)
+        x = x + self.latent_token_positional_embedding[:n]
+        text = self.text_guidance_proj(text_guidance.to(wdtype)) + self.text_guidance_positional_embedding  # (B, 77, D)
+        x = torch.cat([prefix.expand(b, -1, -1).to(x.dtype), x, text.to(x.dtype)], dim=1)
+        x = self.transformer(self.ln_pre(x))
+        x = self.ln_post(x[:, 1:1 + g2])  # (B, G*G, D)
+        x = _pointwise_conv(x, self.ffn[0])  # (B, G*G, p*p*3), channels ordered (p1, p2, c)
+        p, g = self.patch_size, self.grid_size
+        x = x.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)  # pixel shuffle
+        return conv2d(x, self.conv_out)
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer
+
+class TATiTok(PretrainedModel):
+    """TA-TiTok tokenizer (VQ or KL), built from the official config dict.
+
+    encode(x) -> (z_quantized, result_dict): x (B, 3, H, W) in [0, 1]; z (B, C, 1, N);
+        VQ: dict with min_encoding_indices (B, 1, N) and the quantizer losses;
+        KL: a DiagonalGaussianDistribution (z is its first sample).
+    decode(z, text_guidance (B, 77, 768)) -> images (B, 3, H, W), [0, 1] scale (clamp to use).
+    decode_tokens(tokens, text_guidance): VQ tokens (B, 1, N) or (B, N) ids; KL (B, C, 1, N).
+    """
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        config = self.config
+        vq = config["model"]["vq_model"]
+        self.quantize_mode = vq.get("quantize_mode", "vq")
+        self.finetune_decoder = vq.get("finetune_decoder", False)
+        self.num_latent_tokens = vq["num_latent_tokens"]
+        self.token_size = vq["token_size"]
+        self.image_size = config["dataset"]["preprocessing"]["crop_size"]
+        # The reference's init: TiTok.__init__ applies _init_weights (trunc-normal 0.02) to the
+        # encoder, then TATiTok swaps in its text-aware decoder, which keeps PyTorch's default
+        # init. nn.MultiheadAttention's packed in_proj is a bare Parameter: xavier, zero bias.
+        self.encoder = TiTokEncoder(config)
+        self.latent_tokens = nn.Parameter(self.encoder.width ** -0.5 * torch.randn(self.num_latent_tokens,
+                                                                                   self.encoder.width))
+        self.encoder.apply(self._init_weights)
+        self.decoder = TATiTokDecoder(config)
+        for attn in (m for m in self.modules() if isinstance(m, PackedSelfAttention)):
+            attn.reset_like_multihead_attention()
+        if self.quantize_mode == "vq":
+            self.codebook_size = vq["codebook_size"]
+            self.quantize = VectorQuantizer(vq["codebook_size"], vq["token_size"], vq.get("commitment_cost", 0.25),
+                                            vq.get("use_l2_norm", False), vq.get("clustering_vq", False))
+        else:
+            self.codebook_size = None
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> None:
+        vq = cfg_get(config, "model.vq_model")
+        if not isinstance(vq, Mapping):
+            raise ValueError("config: expected a tokenizer config with model.vq_model (the official schema)")
+        mode = vq.get("quantize_mode", "vq")
+        if mode not in ("vq", "vae"):
+            raise ValueError(f"config: model.vq_model.quantize_mode must be 'vq' or 'vae', got {mode!r}")
+        if vq.get("finetune_decoder", False):
+            raise NotImplementedError("config: finetune_decoder=True (TiTok's two-stage VQGAN decoder) is not "
+                                      "a TA-TiTok setting")
+        for key in ("vit_enc_model_size", "vit_dec_model_size"):
+            if vq.get(key) not in VIT_SIZES:
+                raise ValueError(f"config: model.vq_model.{key} must be one of {sorted(VIT_SIZES)}, got {vq.get(key)!r}")
+        for key in ("num_latent_tokens", "token_size", "vit_enc_patch_size", "vit_dec_patch_size"):
+            if not isinstance(vq.get(key), int) or vq[key] <= 0:
+                raise ValueError(f"config: model.vq_model.{key} must be a positive int, got {vq.get(key)!r}")
+        if mode == "vq" and not isinstance(vq.get("codebook_size"), int):
+            raise ValueError("config: a VQ tokenizer needs model.vq_model.codebook_size")
+        if not isinstance(cfg_get(config, "dataset.preprocessing.crop_size"), int):
+            raise ValueError("config: missing dataset.preprocessing.crop_size")
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.zeros_(module.bias)
+            nn.init.ones_(module.weight)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.transformer.grad_checkpointing = enable
+        self.decoder.transformer.grad_checkpointing = enable
+
+    # ---- the reference's surface ----
+    def encode(self, x: torch.Tensor):
+        _check_images(x, self.image_size)
+        z = self.encoder(pixel_values=x, latent_tokens=self.latent_tokens)
+        if self.quantize_mode == "vq":
+            return self.quantize(z)
+        posterior = DiagonalGaussianDistribution(z)
+        return posterior.first_sample, posterior
+
+    def decode(self, z_quantized: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
+        _check_text_guidance(text_guidance, z_quantized.shape[0], self.decoder)
+        return self.decoder(z_quantized, text_guidance)
+
+    def decode_tokens(self, tokens: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
+        if self.quantize_mode == "vq":
+            if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (2, 3):
+                raise ValueError(f"tokens: expected integer ids (B, N) or (B, 1, N), got {tokens.dtype} {tuple(tokens.shape)}")
+            ids = tokens.reshape(tokens.shape[0], -1)
+            if ids.shape[1] != self.num_latent_tokens:
+                raise ValueError(f"tokens: expected {self.num_latent_tokens} tokens per image, got {ids.shape[1]}")
+            in_range = ((ids >= 0) & (ids < self.codebook_size)).all()  # 0-d bool, no host sync
+            if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not bool(in_range):
+                    bad = ids[(ids < 0) | (ids >= self.codebook_size)]
+                    raise ValueError(f"tokens: expected ids in [0, {self.codebook_size}) (the codebook), got "
+                                     f"{bad.numel()} outside it, e.g. {bad[0].item()}")
+            elif ids.device.type != "meta":  # CUDA: an asynchronous device-side assert
+                torch._assert_async(in_range, f"tokens: expected ids in [0, {self.codebook_size}) (the codebook)")
+            z = self.quantize.get_codebook_entry(ids.reshape(-1).long())  # (B*N, C)
+            z = z.view(ids.shape[0], 1, ids.shape[1], -1).permute(0, 3, 1, 2).contiguous()  # (B, C, 1, N)
+        else:
+            expected = (self.token_size, 1, self.num_latent_tokens)
+            if tokens.dim() != 4 or tuple(tokens.shape[1:]) != expected or not tokens.is_floating_point():
+                raise ValueError(f"tokens: expected float (B, {', '.join(map(str, expected))}), got "
+                                 f"{tokens.dtype} {tuple(tokens.shape)}")
+            z = tokens
+        return self.decode(z, text_guidance)
+
+    def forward(self, x: torch.Tensor, text_guidance: torch.Tensor):
+        z, result = self.encode(x)
+        return self.decode(z, text_guidance), result
+
+    # ---- high-level API ----
+    @torch.no_grad()
+    def tokenize(self, images, *, sample: bool = False) -> torch.Tensor:
+        """PIL images, uint8 tensors (B, 3, H, W)/(3, H, W), float tensors in [0, 1] or file
+        paths -> tokens: VQ ids (B, 1, N) int64; KL (B, C, 1, N) (posterior mean, or a sample)."""
+        from tatitok_fast.images import load_images
+
+        p = next(self.parameters())
+        x = load_images(images, self.image_size).to(p.device, p.dtype)
+        z, result = self.encode(x)
+        if self.quantize_mode == "vq":
+            return result["min_encoding_indices"]
+        return z if sample else result.mode()
+
+    @torch.no_grad()
+    def detokenize(self, tokens: torch.Tensor, captions, text_encoder=None) -> torch.Tensor:
+        """tokens (see decode_tokens) + one caption per image -> images (B, 3, H, W) in [0, 1].
+        text_encoder: a tatitok_fast.text.CLIPTextEncoder (default: ViT-L-14-336/openai)."""
+        if isinstance(captions, str):
+            captions = [captions]
+        if len(captions) != tokens.shape[0]:
+            raise ValueError(f"captions: expected {tokens.shape[0]} captions (one per image), got {len(captions)}")
+        if text_encoder is None:
+            text_encoder = default_text_encoder(self, tokens.device)
+        guidance = text_encoder(captions).guidance.to(tokens.device)
+        p = next(self.parameters())
+        with torch.autocast(p.device.type, enabled=False):
+            out = self.decode_tokens(tokens, guidance.to(p.dtype))
+        return out.float().clamp_(0.0, 1.0)
+
+
+def _check_images(x: torch.Tensor, size: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x: expected images (B, 3, {size}, {size}), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if tuple(x.shape[2:]) != (size, size):
+        raise ValueError(f"x: this tokenizer takes {size}x{size} images, got {tuple(x.shape[2:])}; resize/crop first "
+                         "(TATiTok.tokenize does)")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected float images in [0, 1], got {x.dtype}")
+
+
+def _check_text_guidance(t: torch.Tensor, batch: int, decoder: TATiTokDecoder) -> None:
+    expected = (batch, decoder.text_context_length, decoder.text_embed_dim)
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+        raise ValueError(f"text_guidance: expected CLIP text states {expected}, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
