@@ -31,7 +31,8 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([node.module] if node.module else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods or a.name == "_C" else base
+                       for a in node.names]
         else:
             continue
         for target in targets:
