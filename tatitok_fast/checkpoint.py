@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,17 +62,63 @@ def as_config_dict(config: Any) -> dict:
         return OmegaConf.to_container(config, resolve=True)
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected a dict (official config.json schema) or a path, got {type(config).__name__}")
-    return copy.deepcopy(dict(config))
+    try:
+        return resolve_interpolations(copy.deepcopy(dict(config)))
+    except KeyError as exc:
+        raise ValueError(f"config: {exc.args[0]}") from None
 
 
 def read_config(path: Path) -> dict:
+    """config.json with OmegaConf-style `${a.b}` interpolations resolved (the official TiTok /
+    MaskGIT save writes them unresolved, e.g. image_seq_len: "${model.vq_model.num_latent_tokens}")."""
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"config file not found: {path}") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"config file {path} is not valid JSON: {exc}") from exc
+    try:
+        return resolve_interpolations(config)
+    except KeyError as exc:
+        raise CheckpointError(f"config file {path}: {exc.args[0]}") from None
+
+
+_INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
+
+
+def resolve_interpolations(config: Any) -> Any:
+    """A copy of `config` with every `${dotted.path}` string replaced by the value at that
+    absolute path (a whole-string reference keeps the value's type; one inside a longer string is
+    formatted into it), recursively, as OmegaConf.to_container(resolve=True) does for plain
+    references. Custom resolvers (`${oc.env:X}`) and relative paths are not supported: KeyError
+    names the entry and the reference."""
+    def value_at(ref: str, where: str, stack: tuple[str, ...]) -> Any:
+        if ref in stack:
+            raise KeyError(f"config entry {where!r}: interpolation cycle through ${{{ref}}}")
+        node: Any = config
+        for part in ref.strip().split("."):
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise KeyError(f"config entry {where!r}: interpolation ${{{ref}}} names no config entry")
+        return walk(node, ref, stack + (ref,))
+
+    def walk(node: Any, where: str, stack: tuple[str, ...]) -> Any:
+        if isinstance(node, Mapping):
+            return {k: walk(v, f"{where}.{k}" if where else str(k), stack) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}.{i}", stack) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            whole = _INTERPOLATION.fullmatch(node)
+            if whole:
+                return value_at(whole.group(1), where, stack)
+            return _INTERPOLATION.sub(lambda m: str(value_at(m.group(1), where, stack)), node)
+        return node
+
+    return walk(config, "", ())
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,9 +181,11 @@ def _hub_download(repo_id: str, revision: str | None, cache_dir: str | None, loc
 
 def resolve(name_or_path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
             config: Mapping | None = None, revision: str | None = None, cache_dir: str | None = None,
-            local_files_only: bool = False, kind: str = "model") -> tuple[dict, dict[str, torch.Tensor] | None]:
+            local_files_only: bool = False, kind: str = "model",
+            role: str = "tokenizer") -> tuple[dict, dict[str, torch.Tensor] | None]:
     """(config dict, state dict) for a local directory, a local weights file, a preset name or a
-    Hub repo id. `weights` overrides where the weights come from (e.g. a raw official .bin)."""
+    Hub repo id. `weights` overrides where the weights come from (e.g. a raw official .bin).
+    role ("tokenizer" / "generator") picks the Hub repo of a TiTok preset name, which names both."""
     src = str(name_or_path)
     path = Path(src).expanduser()
     cfg = as_config_dict(config) if config is not None else None
@@ -148,16 +197,23 @@ def resolve(name_or_path: str | os.PathLike, *, weights: str | os.PathLike | Non
     elif path.is_file():  # a bare weights file: the config comes from `config` or a preset named like it
         if cfg is None:
             stem = path.stem
-            if stem not in {**presets.TOKENIZERS, **presets.GENERATORS}:
+            if path.name in presets.TITOK_RAW_FILES:  # an official raw TiTok .bin (fun-research/TiTok)
+                stem = presets.TITOK_RAW_FILES[path.name][0]
+            known = {**presets.TOKENIZERS, **presets.GENERATORS, **presets.TITOK_TOKENIZERS}
+            if stem not in known:
                 raise CheckpointError(
                     f"{src} is a weights file without a config: pass config=... or name it after a preset "
-                    f"({sorted({**presets.TOKENIZERS, **presets.GENERATORS})})")
+                    f"({sorted(known)}) or an official raw file ({sorted(presets.TITOK_RAW_FILES)})")
             cfg = presets.preset_config(stem)
         weights_path = weights_path or path
-    elif src in presets.TOKENIZERS or src in presets.GENERATORS:
+    elif src in presets.TOKENIZERS or src in presets.GENERATORS or src in presets.TITOK_TOKENIZERS:
         cfg = cfg if cfg is not None else presets.preset_config(src)
         if weights_path is None:
-            repo_dir = _hub_download(presets.HUB_REPOS[src], revision, cache_dir, local_files_only)
+            try:
+                repo = presets.hub_repo(src, role)
+            except KeyError as exc:
+                raise CheckpointError(f"{kind}: {exc.args[0]}") from None
+            repo_dir = _hub_download(repo, revision, cache_dir, local_files_only)
             weights_path = _weights_in_dir(repo_dir)
     elif src.count("/") == 1 and not src.startswith((".", "/", "~")):
         repo_dir = _hub_download(src, revision, cache_dir, local_files_only)
@@ -165,7 +221,8 @@ def resolve(name_or_path: str | os.PathLike, *, weights: str | os.PathLike | Non
         weights_path = weights_path or _weights_in_dir(repo_dir)
     else:
         raise CheckpointError(
-            f"{kind}: {src!r} is not a directory, a weights file, a preset name ({sorted(presets.HUB_REPOS)}) "
+            f"{kind}: {src!r} is not a directory, a weights file, a preset name "
+            f"({sorted({**presets.HUB_REPOS, **presets.TITOK_HUB_REPOS})}) "
             "or a Hub repo id (owner/name)")
     return cfg, load_state_dict_file(weights_path)
 

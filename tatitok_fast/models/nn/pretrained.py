@@ -19,6 +19,7 @@ class PretrainedModel(nn.Module):
     """
 
     tied_weights: ClassVar[Mapping[str, str]] = {}
+    preset_role: ClassVar[str] = "tokenizer"  # "generator": a TiTok preset name means its generator's Hub repo
     config: dict
 
     def __init__(self, config: Mapping[str, Any]):
@@ -49,7 +50,8 @@ class PretrainedModel(nn.Module):
         file named after a preset. Pickles load with weights_only=True.
         """
         cfg, sd = checkpoint.resolve(name_or_path, weights=weights, config=config, revision=revision,
-                                     cache_dir=cache_dir, local_files_only=local_files_only, kind=cls.__name__)
+                                     cache_dir=cache_dir, local_files_only=local_files_only, kind=cls.__name__,
+                                     role=cls.preset_role)
         cls = cls.class_for_config(cfg)
         cls.validate_config(cfg)
         with torch.device("meta"):
