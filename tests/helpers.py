@@ -1,9 +1,12 @@
 """Helpers shared by the tests."""
+import importlib
 import json
 import math
+import os
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from tatitok_fast.ops import has_kernel
@@ -18,6 +21,43 @@ def devices_for(op: str):
     if HAS_CUDA and has_kernel(op, "cuda"):
         out.append("cuda")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The official code (bytedance/1d-tokenizer), the reference of the parity tests
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared beside the checkout (development machines, CI), or shared/ inside it (device machines)
+_CHECKOUTS = (REPO.parent / "shared" / "peer" / "1d-tokenizer", REPO / "shared" / "peer" / "1d-tokenizer")
+OFFICIAL = next((p for p in _CHECKOUTS if p.is_dir()), _CHECKOUTS[0])
+
+
+def in_ci() -> bool:
+    """True when the environment says CI (CI=true, as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def official_unavailable(reason: str):
+    """A test that compares with the official code cannot run: skip it with `reason`, or,
+    under CI=true, fail with it, so that parity tests cannot go silently green in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: the tests against the official code must run here)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_official(deps=(), path: Path | None = None) -> Path:
+    """The official checkout at `path` (default OFFICIAL), with the packages `deps` that the
+    imported official modules need; official_unavailable() naming what is missing otherwise."""
+    path = OFFICIAL if path is None else path
+    if not (path / "modeling" / "tatitok.py").is_file():
+        official_unavailable(f"official code not found at {path.resolve()} "
+                             "(expected a checkout of bytedance/1d-tokenizer there)")
+    for dep in deps:
+        try:
+            importlib.import_module(dep)
+        except ImportError as e:
+            official_unavailable(f"the official code at {path.resolve()} needs {dep}, which does not import: {e}")
+    return path
 
 
 def poison_allocator(device: str, nbytes: int = 1 << 22) -> None:

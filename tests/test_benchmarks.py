@@ -13,6 +13,7 @@ from tatitok_fast.benchmarks import harness
 from tatitok_fast.benchmarks.harness import Measurement, Report, commit_id, measure, peak_extra_bytes
 from tatitok_fast.benchmarks.ops import OPS, skip_reason
 from tatitok_fast.cli import main
+from tests.helpers import OFFICIAL, require_official
 
 MIB = 1 << 20
 QUICK = dict(device="cpu", min_run_time=0.01)
@@ -162,9 +163,7 @@ def test_python_dash_m_entry_point():
 # ---------------------------------------------------------------------------------------
 # Model suites against the official code (tiny models)
 
-OFFICIAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "peer" / "1d-tokenizer"
-needs_official = pytest.mark.skipif(not (OFFICIAL / "modeling" / "tatitok.py").is_file(),
-                                    reason="the official checkout ../shared/peer/1d-tokenizer is not here")
+needs_official = pytest.mark.usefixtures("official_checkout")
 QUICK_MODEL = ["--quick", "--device", "cpu", "--no-progress", "--batch", "1", "--min-run-time", "0.01"]
 
 
@@ -219,10 +218,15 @@ def test_bench_model_suites_reject_bad_options(capsys):
 # ---------------------------------------------------------------------------------------
 # Agreement checks: they pass on the same weights and fail loudly on different ones
 
+@pytest.fixture
+def official_checkout():
+    """The official checkout; skips, or fails under CI=true, without it (helpers.require_official)."""
+    return require_official()
+
+
 @pytest.fixture(scope="module")
 def official_lib():
-    if not (OFFICIAL / "modeling" / "tatitok.py").is_file():
-        pytest.skip("the official checkout ../shared/peer/1d-tokenizer is not here")
+    require_official()
     from tatitok_fast.benchmarks.official import import_official
 
     return import_official(OFFICIAL)

@@ -6,7 +6,6 @@ import json
 import random
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,14 @@ import torch
 
 from tatitok_fast import token_shards as ts
 from tatitok_fast.token_shards import CorruptSampleError, decode_token_sample, encode_token_sample, shard_metadata
+from tests.helpers import OFFICIAL as PEER
+from tests.helpers import require_official
 
-PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "peer" / "1d-tokenizer"
 N, K, C = 16, 64, 4
 
 
 def _official_reader():
-    if not PEER.is_dir():
-        pytest.skip(f"the reference code is not at {PEER}")
+    require_official()  # skips, or fails under CI=true, without the checkout
     sys.path.insert(0, str(PEER))
     try:
         from data import webdataset_reader

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
-import pytest
+from tests.helpers import OFFICIAL, require_official
 
-OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"
 TA_TITOK_CONFIG = OFFICIAL / "configs" / "training" / "TA-TiTok" / "tatitok_bl32_vq.yaml"
 
 
 def import_official(module: str, deps=("omegaconf", "einops", "accelerate", "torchvision")):
-    """Import `module` from the official code, or skip the test when it (or one of `deps`,
-    the packages it imports) is not there."""
-    if not OFFICIAL.is_dir():
-        pytest.skip(f"official code not found at {OFFICIAL.resolve()}")
-    for dep in deps:
-        pytest.importorskip(dep)
+    """Import `module` from the official code; when it (or one of `deps`, the packages it
+    imports) is not there, the test skips, or fails under CI=true (helpers.require_official)."""
+    require_official(deps)
     if str(OFFICIAL) not in sys.path:
         sys.path.insert(0, str(OFFICIAL))
     import importlib

@@ -4,15 +4,13 @@ ties, softmax_temperature_annealing=False, models without micro-conditioning."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tatitok_fast.models.generators.maskgen import MaskGen_KL, MaskGen_VQ
-from tests.helpers import assert_same_init, tiny_generator_config, tiny_text_encoder
+from tests.helpers import OFFICIAL, assert_same_init, require_official, tiny_generator_config, tiny_text_encoder
 
-OFFICIAL = Path(__file__).resolve().parents[2] / ".." / "shared" / "peer" / "1d-tokenizer"
 CAPTIONS = ["a cat on a mat", "a red car", ""]
 
 
@@ -20,10 +18,7 @@ CAPTIONS = ["a cat on a mat", "a red car", ""]
 def official():
     """The official modeling.maskgen module, with open_clip >= 3's text_global_pool adapted
     (peer/README.md)."""
-    if not OFFICIAL.is_dir():
-        pytest.skip(f"official code not found at {OFFICIAL.resolve()}")
-    for dep in ("diffusers", "omegaconf", "einops", "open_clip"):
-        pytest.importorskip(dep)
+    require_official(("diffusers", "omegaconf", "einops", "open_clip"))  # skips, or fails under CI=true
     sys.path.insert(0, str(OFFICIAL))
     try:
         import modeling.maskgen as om
