@@ -2,7 +2,8 @@
 
 Each command is a module of this package exposing `register(subparsers)`, which adds its
 parser and sets `func(args) -> int` as the default. Adding a command is one entry in
-SUBCOMMANDS.
+SUBCOMMANDS. User errors print `error: ...` and exit 2 without a traceback (cli/errors.py);
+`--debug` or TATITOK_FAST_DEBUG=1 shows it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ SUBCOMMANDS: list[str] = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tatitok-fast", description="Fast TA-TiTok tokenizers and MaskGen generators.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (also TATITOK_FAST_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
@@ -33,10 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default sys.argv[1:]) and run the chosen command; returns the exit
-    status. Bad arguments raise SystemExit(2) with argparse's message."""
+    status. Bad arguments raise SystemExit(2) with argparse's message; a user error prints
+    `error: ...` and returns 2."""
+    from tatitok_fast.cli.errors import debug_requested, report_errors
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "pass_through", False):  # only `train` takes free --section.key options
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return int(args.func(args) or 0)
+    return report_errors(lambda: args.func(args), args.debug or debug_requested(argv))

@@ -10,6 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__)
     p.add_argument("--config", default=None, help="a TOML recipe (training/recipes/*.toml)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     p.set_defaults(func=_train, pass_through=True)  # every other --section.key value goes to the engine
 
 

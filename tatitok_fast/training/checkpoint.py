@@ -2,15 +2,35 @@
 
 Saved: model and optimizer (get_state_dict: works for one process, DDP and FSDP2 shards),
 scheduler, EMA, loss-side modules and their optimizer/scheduler, step — through DCP — plus,
-per rank, every RNG state (torch CPU/CUDA, numpy, python) and the data position in
-`rank-R.pt`. A step is written into `step-N.partial` and renamed to `step-N` only after every
-rank finished and `COMPLETE` is written, so resume never picks a half-written step; a step
-that fails to load is reported and the previous one is used.
+per rank, every RNG state (torch CPU/CUDA, numpy, python, as tensors) and the data position
+(plain ints) in `rank-R.pt`. A step is written into `step-N.partial` and renamed to `step-N`
+only after every rank finished and `COMPLETE` (the manifest: every file and its size) is
+written, so resume never picks a half-written step.
+
+Loading (load_latest):
+- a step whose files do not match its manifest (truncated, missing) is corrupt: it is named
+  in the log and the previous step is used; so is one whose data fails to read;
+- a step that is intact but does not fit this run (other model, other keys or shapes) stops
+  the run with a ResumeError, checked before anything is written into the model; with
+  checkpoint.allow_restart the run starts over from step 0 instead and the unusable steps are
+  renamed `step-N.unloadable`;
+- a run folder is data, not code: the per-rank files load with weights_only=True, the DCP
+  metadata through an unpickler that knows only DCP's metadata classes, and DCP's non-tensor
+  entries with weights_only=True; anything else is refused with a ResumeError;
+- Transformer Engine's `_extra_state` (empty on a fresh module, a pickled blob after
+  DelayedScaling FP8 steps: TransformerEngine issue #1860) is loaded into a buffer of the
+  saved size, so the blob reaches the module's set_extra_state;
+- the world size may change: DCP reshards model and optimizer; every rank then reads all old
+  ranks' local files (RNG of the same rank when it existed, data positions for the re-split).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import pickle
 import random
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from tatitok_fast.training.parallel import World, barrier
@@ -25,8 +48,21 @@ from tatitok_fast.training.parallel import World, barrier
 COMPLETE = "COMPLETE"
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint exists but cannot be resumed from (it does not fit this run, or a file
+    in it is refused); the message names the step folder and what is wrong."""
+
+
+# ---- RNG states as tensors and plain numbers (loadable with weights_only=True) ----
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -34,10 +70,95 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- reading a run folder without running its code ----
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                 ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                 ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: allow only DCP's own metadata classes, torch.Size,
+    dtypes and paths, so a crafted file cannot name a callable that runs code."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        if (module in _DCP_MODULES and isinstance(getattr(sys.modules[module], name, None), type)) \
+                or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            raise ResumeError(f"{path}: refused ({exc}); a checkpoint's metadata holds only DCP's metadata "
+                              "classes") from None
+        if not isinstance(metadata, Metadata):
+            raise ResumeError(f"{path}: refused (a {type(metadata).__name__}, not DCP metadata)")
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's non-tensor entries (scheduler state, step, param groups) with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._nested_dict import set_element
+
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ResumeError(f"checkpoint entry {read_item.dest_index.fqn}: refused ({exc})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_local_file(path: Path) -> dict:
+    """A rank-R.pt file: tensors and plain data only (weights_only=True), else ResumeError."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(f"{path}: refused: it holds objects other than tensors and plain data, which could "
+                          f"run code on load ({first})") from None
+
+
+@contextlib.contextmanager
+def _quiet_single_process(world: World):
+    """DCP warns on every save/load in one process ("torch.distributed is disabled ...,
+    assuming the intent is to save in a single process"): that is our intent; silence only that."""
+    with warnings.catch_warnings():
+        if not world.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+class _Corrupt(Exception):
+    """A step folder that does not match its manifest or whose data does not read; `touched`:
+    the read failed inside dcp.load, so part of the model may already hold its values."""
+
+    def __init__(self, message: str, touched: bool = False):
+        super().__init__(message)
+        self.touched = touched
 
 
 class CheckpointManager:
@@ -45,10 +166,10 @@ class CheckpointManager:
     load_state_dict (schedulers, EMA, loss module, ...); the model and its optimizer go through
     DCP's get_state_dict / set_state_dict; `aux` is (module, optimizer) for loss-side training."""
 
-    def __init__(self, folder: Path, world: World, keep_latest_k: int):
-        self.folder, self.world, self.keep = Path(folder), world, keep_latest_k
-        if world.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, world: World, keep_latest_k: int, allow_restart: bool = False,
+                 log=None):
+        self.folder, self.world, self.keep, self.allow_restart = Path(folder), world, keep_latest_k, allow_restart
+        self.log = log or (lambda msg: print(msg, file=sys.stderr) if world.is_main else None)
 
     # ---- listing ----
     def steps(self) -> list[int]:
@@ -82,13 +203,16 @@ class CheckpointManager:
         final = self.path(step)
         tmp = final.with_name(final.name + ".partial")
         if self.world.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.world)
         state = self._state(model, optimizer, parts, aux)
         state["step"] = step
-        dcp.save(state, checkpoint_id=str(tmp))
-        torch.save({"rng": rng_state(), **(local or {})}, tmp / f"rank-{self.world.rank}.pt")
+        with _quiet_single_process(self.world):
+            dcp.save(state, checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state(), "world_size": self.world.world_size, **(local or {})},
+                   tmp / f"rank-{self.world.rank}.pt")
         barrier(self.world)
         if self.world.is_main:  # the manifest: every file and its size, checked on load
             files = sorted(f for f in tmp.iterdir() if f.is_file())
@@ -105,41 +229,121 @@ class CheckpointManager:
         for step in self.steps()[: -self.keep]:
             shutil.rmtree(self.path(step), ignore_errors=True)
 
-    def load_latest(self, model, optimizer, parts: dict, aux=None) -> tuple[int, dict] | None:
-        """Restore the newest loadable checkpoint; returns (step, this rank's local state) or
-        None when there is none. A checkpoint that fails to load is skipped with a warning."""
-        for step in reversed(self.steps()):
+    def load_latest(self, model, optimizer, parts: dict, aux=None) -> tuple[int, list[dict]] | None:
+        """Restore the newest usable checkpoint (see the module doc); returns (step, every saved
+        rank's local state, by rank) or None when there is none (or when starting over)."""
+        steps = self.steps()
+        read_failed = None
+        for step in reversed(steps):
             try:
                 return step, self._load(step, model, optimizer, parts, aux)
-            except Exception as exc:  # a corrupt / truncated checkpoint: fall back to the previous one
-                warnings.warn(f"checkpoint {self.path(step)} could not be loaded ({type(exc).__name__}: {exc}); "
-                              "trying the previous one", RuntimeWarning, stacklevel=2)
+            except _Corrupt as exc:
+                warnings.warn(f"checkpoint {self.path(step)} could not be loaded: it is corrupt ({exc}); "
+                              "falling back to the previous one", RuntimeWarning, stacklevel=2)
+                read_failed = read_failed or exc.touched
+            except ResumeError as exc:
+                if not self.allow_restart:
+                    raise ResumeError(f"{exc}\n(set --checkpoint.allow_restart true to start over from step 0, "
+                                      "or use another job.dump_folder)") from None
+                self.log(f"warning: {exc}; checkpoint.allow_restart: starting over from step 0")
+                self._set_aside(steps)
+                return None
+        if steps:
+            if read_failed or not self.allow_restart:  # after a failed read the model is half-loaded
+                raise ResumeError(f"no checkpoint in {self.folder} could be loaded (steps {steps}, all corrupt)"
+                                  + ("" if read_failed else "; set --checkpoint.allow_restart true to start over"))
+            self.log(f"warning: every checkpoint in {self.folder} is corrupt; starting over from step 0")
+            self._set_aside(steps)
         return None
 
-    def _load(self, step: int, model, optimizer, parts: dict, aux) -> dict:
-        path = self.path(step)
+    def _set_aside(self, steps: list[int]) -> None:
+        barrier(self.world)
+        if self.world.is_main:
+            for s in steps:
+                self.path(s).rename(self.path(s).with_name(f"step-{s}.unloadable"))
+        barrier(self.world)
+
+    def _verify(self, path: Path) -> None:
         for line in (path / COMPLETE).read_text().splitlines():
             name, size = line.rsplit(" ", 1)
             f = path / name
             if not f.is_file() or f.stat().st_size != int(size):
-                raise OSError(f"{f} is missing or truncated ({f.stat().st_size if f.is_file() else 'missing'} "
-                              f"bytes, expected {size})")
-        local_file = path / f"rank-{self.world.rank}.pt"
-        if not local_file.is_file():
-            raise FileNotFoundError(f"{local_file} is missing (saved with a different number of processes?)")
-        local = torch.load(local_file, weights_only=False)  # our own file: RNG states are numpy/python objects
+                raise _Corrupt(f"{name} is {'missing' if not f.is_file() else f'{f.stat().st_size} bytes'}, "
+                               f"the manifest says {size} bytes")
+
+    def _load(self, step: int, model, optimizer, parts: dict, aux) -> list[dict]:
+        path = self.path(step)
+        self._verify(path)
+        files = {int(f.stem.split("-", 1)[1]): f for f in path.glob("rank-*.pt")}
+        if sorted(files) != list(range(len(files))) or not files:
+            raise _Corrupt(f"rank files {sorted(files)} are not ranks 0..N-1")
+        if len(files) == self.world.world_size:
+            own = load_local_file(files[self.world.rank])
+            locals_ = [own if r == self.world.rank else {} for r in range(len(files))]
+        else:  # world size changed: every rank reads all (small) local files
+            locals_ = [load_local_file(files[r]) for r in range(len(files))]
+        reader = _SafeReader(str(path))
         state = self._state(model, optimizer, parts, aux)
         state["step"] = -1
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            metadata = reader.read_metadata()
+        except (OSError, EOFError) as exc:
+            raise _Corrupt(f"metadata does not read: {exc}") from exc
+        fit_extra_state(state["model"], metadata, "model")
+        if aux is not None:
+            fit_extra_state(state["aux_model"], metadata, "aux_model")
+        check_compatible(state, metadata, path)
+        try:
+            with _quiet_single_process(self.world):
+                dcp.load(state, storage_reader=reader, planner=_SafePlanner())
+        except ResumeError:
+            raise
+        except Exception as exc:  # the files passed the manifest but their content does not read
+            raise _Corrupt(f"{type(exc).__name__}: {exc}", touched=True) from exc
         if state["step"] != step:
-            raise ValueError(f"step entry {state['step']} does not match the folder name")
+            raise ResumeError(f"{path}: its step entry {state['step']} does not match the folder name")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         for name, obj in parts.items():
             obj.load_state_dict(state[name])
         if aux is not None:
             set_state_dict(aux[0], aux[1], model_state_dict=state["aux_model"], optim_state_dict=state["aux_optimizer"])
-        set_rng_state(local["rng"])
-        return local
+        if self.world.rank < len(locals_):
+            set_rng_state(locals_[self.world.rank]["rng"])
+        return locals_
+
+
+def fit_extra_state(msd: dict, metadata: Metadata, prefix: str) -> None:
+    """Give every `_extra_state` tensor of `msd` the saved size and dtype, so DCP loads the
+    saved blob (TE: empty before FP8 steps, pickled FP8 metadata after; issue #1860)."""
+    for key, value in list(msd.items()):
+        if not key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            continue
+        saved = metadata.state_dict_metadata.get(f"{prefix}.{key}")
+        if isinstance(saved, TensorStorageMetadata) and (tuple(saved.size) != tuple(value.shape)
+                                                         or saved.properties.dtype != value.dtype):
+            msd[key] = torch.empty(saved.size, dtype=saved.properties.dtype, device=value.device)
+
+
+def check_compatible(state: dict, metadata: Metadata, path: Path) -> None:
+    """Every entry this run loads exists in the checkpoint with the same global shape:
+    a ResumeError before dcp.load writes anything into the model."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, _ = flatten_state_dict(state)
+    saved = metadata.state_dict_metadata
+    missing = [k for k in flat if k not in saved]
+    wrong = []
+    for k, v in flat.items():
+        if k in saved and isinstance(v, torch.Tensor):
+            md = saved[k]
+            if not isinstance(md, TensorStorageMetadata):
+                wrong.append(f"{k}: saved a non-tensor, this run has a tensor {tuple(v.shape)}")
+            elif tuple(md.size) != tuple(v.shape):
+                wrong.append(f"{k}: saved {tuple(md.size)}, this run has {tuple(v.shape)}")
+    if missing or wrong:
+        lines = [f"{len(missing)} entries missing (e.g. {missing[:3]})"] if missing else []
+        lines += [f"{len(wrong)} of other shapes (e.g. {wrong[:3]})"] if wrong else []
+        raise ResumeError(f"checkpoint {path} does not fit this run's model / optimizer: {'; '.join(lines)}")
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

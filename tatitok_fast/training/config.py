@@ -66,6 +66,9 @@ class Training:
                                ("bf16", "fp32"))
     deterministic: bool = opt(False, "deterministic algorithms (slower; bitwise-reproducible runs)")
     device: str = opt("auto", "auto (cuda when available), cpu or cuda", ("auto", "cpu", "cuda"))
+    nonfinite: str = opt("stop", "a NaN/Inf loss or gradient norm: stop (error naming the step and the loss terms; "
+                         "the last good checkpoint is kept) or skip (drop that update, count it in "
+                         "train/skipped_steps)", ("stop", "skip"))
 
 
 @dataclass
@@ -99,6 +102,9 @@ class Checkpoint:
     keep_latest_k: int = opt(3, "keep the newest K checkpoints (0 = all)")
     export_interval: int = opt(0, "also export official-layout weights every N steps (0 = at the end only)")
     export_ema: bool = opt(True, "export the EMA weights (when EMA is on)")
+    on_signal: bool = opt(True, "on SIGTERM / SIGUSR1 (preemption): finish the step, save a checkpoint, exit 0")
+    allow_restart: bool = opt(False, "when the newest checkpoint exists but does not fit this run, start over "
+                                     "from step 0 (setting it aside as step-N.unloadable) instead of stopping")
 
 
 @dataclass

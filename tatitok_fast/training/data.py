@@ -28,7 +28,9 @@ data.max_bad_fraction of what was read is bad, or when no shard yields a sample.
 """
 from __future__ import annotations
 
+import glob
 import io
+import os
 import random
 import tarfile
 import warnings
@@ -43,21 +45,73 @@ class DataError(RuntimeError):
     """The data cannot feed the run (no readable shard, too many corrupt samples)."""
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
-    """Brace patterns and '::'-joined lists -> shard URLs (webdataset's expansion)."""
+REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE)
+
+
+def expand_shards(patterns: list[str], key: str = "data.shards") -> list[str]:
+    """Brace patterns, local globs and '::'-joined lists -> shard URLs (webdataset's expansion,
+    then glob for local paths with * ? [). Local files must all exist (DataError naming the missing ones); remote URLs (pipe:, http(s)://,
+    s3://, gs://) are opened only when read, as webdataset does."""
     import webdataset as wds
 
     urls = []
     for p in patterns:
         for part in p.split("::"):
-            urls += list(wds.shardlists.expand_urls(part))
+            if not part:
+                continue
+            for url in wds.shardlists.expand_urls(part):
+                if not is_remote(url) and any(c in url for c in "*?["):  # a local glob
+                    found = sorted(glob.glob(url.removeprefix("file:")))
+                    if not found:
+                        raise DataError(f"{key}: {url!r} matches no file")
+                    urls += found
+                else:
+                    urls.append(url)
     if not urls:
-        raise DataError(f"data.shards: {patterns} expand to no shard")
+        raise DataError(f"{key}: {patterns} expand to no shard")
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u.removeprefix("file:"))]
+    if missing:
+        raise DataError(f"{key}: {len(missing)} of {len(urls)} shard files do not exist: "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (from {patterns})")
     return urls
 
 
+def check_first_samples(urls: list[str], decode: Callable[[dict, np.random.Generator], dict], recipe: str,
+                        max_samples: int = 8, max_shards: int = 3) -> None:
+    """Read the first samples of the first local shards and decode them as the recipe will:
+    a DataError, before any model is built, when none of them fits (wrong kind of shard,
+    tokens of another tokenizer or codebook, missing fields). Corrupt samples among good
+    ones pass here; the stream skips and counts them. Remote shards are not opened here."""
+    local = [u for u in urls if not is_remote(u)][:max_shards]
+    errors, tried = [], 0
+    for url in local:
+        try:
+            for raw in read_shard(url):
+                tried += 1
+                try:
+                    decode(raw, np.random.default_rng(0))
+                    return
+                except Exception as exc:  # what the recipe rejects, named in the error below
+                    errors.append(f"{raw.get('__key__')}: {type(exc).__name__}: {exc}")
+                if tried >= max_samples:
+                    break
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            errors.append(f"{url} does not read as a tar shard ({type(exc).__name__}: {exc})")
+        if tried >= max_samples:
+            break
+    if local:
+        first = errors[0] if errors else "no sample in it"
+        raise DataError(f"data.shards: the first {tried} samples of {local[0]}"
+                        f"{f' (and {len(local) - 1} more shards)' if len(local) > 1 else ''} do not fit "
+                        f"recipe {recipe!r}: {first}")
+
+
 def _open(url: str):
-    if url.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
+    if is_remote(url):
         import webdataset as wds
 
         return wds.gopen(url, "rb")
@@ -94,7 +148,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], decode: Callable[[dict, np.random.Generator], dict],
                  collate: Callable[[list[dict]], dict], batch_size: int, *, seed: int, rank: int, world_size: int,
                  num_workers: int, resampled: bool, split: str, shuffle_buffer: int, shuffle_initial: int,
-                 start_batch: int = 0, resume: dict | None = None, max_bad_fraction: float = 0.5):
+                 start_batch: int = 0, resume: dict | None = None, max_bad_fraction: float = 0.5,
+                 salt: str = "", start_pos: int = -1):
         self.urls, self.decode, self.collate, self.batch_size = urls, decode, collate, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
@@ -102,6 +157,9 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, min(shuffle_initial, shuffle_buffer)
         self.start_batch, self.max_bad_fraction = start_batch, max_bad_fraction
         self.resume = {int(k): v for k, v in (resume or {}).items()}  # worker -> its last stats (pos, counters)
+        # after a world-size change (reshard_position): shard streams get a new salt, and
+        # split=sample streams continue after start_pos, the last global position read
+        self.salt, self.start_pos = salt, start_pos
         if split == "shard" and not resampled and len(urls) < world_size * self.num_workers:
             raise DataError(f"data.shards: {len(urls)} shards cannot be split over {world_size} ranks x "
                             f"{self.num_workers} workers without resampling; use data.resampled = true, "
@@ -117,13 +175,13 @@ class ShardStream(IterableDataset):
     def _shards(self, part: int, parts: int) -> Iterator[str]:
         epoch = 0
         while True:
-            rng = random.Random(f"{self.seed}/{part}/{parts}/{epoch}")
+            rng = random.Random(f"{self.seed}/{part}/{parts}/{epoch}{self.salt}")
             if self.resampled:
                 for _ in range(max(1, len(self.urls))):
                     yield rng.choice(self.urls)
             else:
                 order = list(self.urls)
-                random.Random(f"{self.seed}/order/{epoch}").shuffle(order)
+                random.Random(f"{self.seed}/order/{epoch}{self.salt}").shuffle(order)
                 yield from order[part::parts]
             epoch += 1
 
@@ -175,15 +233,16 @@ class ShardStream(IterableDataset):
             part, parts, keep_every, keep_at = self.rank * n + worker, self.world_size * n, 1, 0
         resume = self.resume.get(worker, {})
         stats = {k: resume.get(k, 0) for k in ("bad_samples", "bad_shards", "samples")}
-        last = resume.get("pos", -1)  # raw stream position of the last sample already handed out
-        stream = self._shuffled(self._raw_samples(part, parts, stats), random.Random(f"{self.seed}/shuffle/{part}"))
+        last = resume.get("pos", self.start_pos)  # raw stream position of the last sample already handed out
+        stream = self._shuffled(self._raw_samples(part, parts, stats),
+                                random.Random(f"{self.seed}/shuffle/{part}{self.salt}"))
         batch: list[dict] = []
         for pos, raw in enumerate(stream):
             if pos % keep_every != keep_at or pos <= last:
                 continue
             # per-sample seed from the position in the (global, for split=sample) stream: the same
             # sample at the same position gets the same draws, on any rank count, after resume
-            seed = hash((self.seed, part, parts, pos)) & ((1 << 62) - 1)
+            seed = hash((self.seed, part, parts, pos) + ((self.salt,) if self.salt else ())) & ((1 << 62) - 1)
             try:
                 sample = self.decode(raw, np.random.default_rng(seed))
             except Exception as exc:  # corrupt sample: skip, count, never kill the run
@@ -211,13 +270,21 @@ def _identity(batch):
     return batch
 
 
+COUNTERS = ("bad_samples", "bad_shards", "samples")
+
+
 class DataPosition:
     """Batches consumed, and each worker's latest report (raw stream position of its last
-    sample, corrupt-data counters): what a checkpoint stores to resume the stream exactly."""
+    sample, corrupt-data counters): what a checkpoint stores to resume the stream exactly.
+    `base`: counters carried over a world-size change (rank 0 only), `salt` / `start_pos`:
+    how the streams were re-split then (see reshard_position). Plain ints and strings, so the
+    checkpoint's rank file loads with weights_only=True."""
 
-    def __init__(self, consumed: int = 0, workers: dict | None = None):
+    def __init__(self, consumed: int = 0, workers: dict | None = None, base: dict | None = None,
+                 salt: str = "", start_pos: int = -1):
         self.consumed = consumed
         self.workers: dict[int, dict] = {int(k): v for k, v in (workers or {}).items()}
+        self.base, self.salt, self.start_pos = dict(base or {}), salt, start_pos
 
     def update(self, batch: dict) -> None:
         st = batch.pop("__stats__", None)
@@ -226,11 +293,32 @@ class DataPosition:
         self.consumed += 1
 
     def totals(self) -> dict[str, int]:
-        keys = ("bad_samples", "bad_shards", "samples")
-        return {k: sum(s.get(k, 0) for s in self.workers.values()) for k in keys}
+        return {k: self.base.get(k, 0) + sum(s.get(k, 0) for s in self.workers.values()) for k in COUNTERS}
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "workers": dict(self.workers)}
+        return {"consumed": self.consumed, "workers": dict(self.workers), "base": dict(self.base),
+                "salt": self.salt, "start_pos": self.start_pos}
+
+
+def reshard_position(saved: list[dict], rank: int, split: str) -> dict:
+    """The position of `rank` when a run saved on len(saved) ranks resumes on another number
+    of ranks. Counters (samples, bad samples, bad shards) are summed into rank 0's `base`, so
+    the global counts go on. split=sample: every rank read residues of one global stream, so
+    the new ranks continue that stream after the last position any old rank read (exact when
+    no sample was corrupt). split=shard: the per-rank shard streams cannot be mapped onto the
+    new ranks; they restart with a salt naming the step, so they do not replay the start of
+    the run (a partly read pass is not finished; with resampling nothing changes in kind)."""
+    saved = [p or {} for p in saved]
+    workers = [w for p in saved for w in p.get("workers", {}).values()]
+    totals = {k: sum(p.get("base", {}).get(k, 0) for p in saved) + sum(w.get(k, 0) for w in workers)
+              for k in COUNTERS}
+    consumed = max((p.get("consumed", 0) for p in saved), default=0)
+    last = max([w.get("pos", -1) for w in workers] + [p.get("start_pos", -1) for p in saved])
+    salt = saved[0].get("salt", "")
+    if split != "sample":
+        salt += f"/resplit-{len(saved)}-at-{consumed}"
+    return {"consumed": consumed, "workers": {}, "base": totals if rank == 0 else {}, "salt": salt,
+            "start_pos": last if split == "sample" else -1}
 
 
 def build_loader(cfg, recipe, rank: int, world_size: int, batch_size: int, position: dict | None = None):
@@ -243,14 +331,16 @@ def build_loader(cfg, recipe, rank: int, world_size: int, batch_size: int, posit
                          seed=cfg.training.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
                          resampled=d.resampled, split=d.split, shuffle_buffer=d.shuffle_buffer,
                          shuffle_initial=d.shuffle_initial, start_batch=start_batch,
-                         resume=position.get("workers"), max_bad_fraction=d.max_bad_fraction)
+                         resume=position.get("workers"), max_bad_fraction=d.max_bad_fraction,
+                         salt=position.get("salt", ""), start_pos=position.get("start_pos", -1))
     loader = DataLoader(stream, batch_size=None, num_workers=d.num_workers, collate_fn=_identity,
                         pin_memory=torch.cuda.is_available(), persistent_workers=False,
                         prefetch_factor=4 if d.num_workers > 0 else None,
                         # its own generator: starting an iterator must not draw from the global RNG
                         # (a resumed run restores that RNG and must continue it exactly)
                         generator=torch.Generator().manual_seed(cfg.training.seed))
-    return loader, DataPosition(start_batch, position.get("workers"))
+    return loader, DataPosition(start_batch, position.get("workers"), position.get("base"),
+                                position.get("salt", ""), position.get("start_pos", -1))
 
 
 def decode_image(data: bytes):

@@ -38,8 +38,8 @@ def losses(run: Path) -> list[float]:
 
 def final_params(run: Path, mode: str) -> dict[str, torch.Tensor]:
     """The parameters of the newest checkpoint, loaded by a fresh Trainer (no training)."""
-    cfg = load_config(RECIPES / ("maskgen_vq_tiny.toml" if mode == "vq" else "maskgen_kl_tiny.toml"),
-                      ["--job.dump_folder", str(run), "--data.shards", "unused.tar", "--data.num_workers", "0",
+    cfg = load_config(run / "config.toml",  # the run's own config: its shards must exist (checked up front)
+                      ["--job.dump_folder", str(run), "--data.num_workers", "0",
                        "--metrics.progress", "false", "--metrics.enable_tensorboard", "false"])
     trainer = Trainer(cfg)
     out = {k: v.detach().clone() for k, v in trainer.inner.state_dict().items()}
