@@ -12,62 +12,33 @@ import torch
 import torch.nn as nn
 
 from tatitok_fast.checkpoint import cfg_get
-from tatitok_fast.models.nn.layers import Linear, conv2d
+from tatitok_fast.models.nn.layers import Linear
 from tatitok_fast.models.nn.pretrained import PretrainedModel, default_text_encoder
 from tatitok_fast.models.tokenizers.quantizers import DiagonalGaussianDistribution, VectorQuantizer
-from tatitok_fast.models.tokenizers.vit import (VIT_SIZES, PackedSelfAttention, TiTokEncoder, Transformer,
-                                                _pointwise_conv, _vit_geometry)
+from tatitok_fast.models.tokenizers.vit import VIT_SIZES, PackedSelfAttention, TiTokDecoder, TiTokEncoder
 
 
 # ---------------------------------------------------------------------------------------
-# Text-aware decoder: [class, G*G mask tokens, latent tokens, text tokens] -> ViT -> pixels
+# Text-aware decoder: the TiTok decoder with [class, G*G mask tokens, latent tokens, text tokens]
 
-class TATiTokDecoder(nn.Module):
+class TATiTokDecoder(TiTokDecoder):
+    """TiTokDecoder (RGB head) + the projected CLIP text guidance appended after the latents."""
+
     def __init__(self, config: Mapping[str, Any]):
-        super().__init__()
         vq = config["model"]["vq_model"]
-        _vit_geometry(self, config, "dec")
-        self.token_size = vq["token_size"]
+        if vq.get("is_legacy", True):
+            raise NotImplementedError("is_legacy=True decoders (TiTok's 1024-way VQGAN head) are not TA-TiTok models")
+        super().__init__(config)
         self.text_context_length = vq.get("text_context_length", 77)
         self.text_embed_dim = vq.get("text_embed_dim", 768)
-        if self.is_legacy:
-            raise NotImplementedError("is_legacy=True decoders (TiTok's 1024-way VQGAN head) are not TA-TiTok models")
-
         w = self.width
-        scale = w ** -0.5
-        self.decoder_embed = Linear(self.token_size, w)
-        self.class_embedding = nn.Parameter(scale * torch.randn(1, w))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, w))
-        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, w))
-        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(self.num_latent_tokens, w))
-        self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, self.num_layers, self.num_heads)
-        self.ln_post = nn.LayerNorm(w)
-        p = self.patch_size
-        self.ffn = nn.Sequential(nn.Conv2d(w, p * p * 3, 1, padding=0, bias=True))  # ffn.0; pixel shuffle in forward
-        self.conv_out = nn.Conv2d(3, 3, 3, padding=1, bias=True)
         self.text_guidance_proj = Linear(self.text_embed_dim, w)
-        self.text_guidance_positional_embedding = nn.Parameter(scale * torch.randn(self.text_context_length, w))
+        self.text_guidance_positional_embedding = nn.Parameter(w ** -0.5 * torch.randn(self.text_context_length, w))
 
     def forward(self, z_quantized: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
-        b, c, h, n = z_quantized.shape
-        if h != 1 or n != self.num_latent_tokens:
-            raise ValueError(f"tokens: expected (B, C, 1, {self.num_latent_tokens}), got {tuple(z_quantized.shape)}")
-        wdtype = self.class_embedding.dtype  # inputs follow the weights (fp32 tokens into a bf16 model)
-        x = self.decoder_embed(z_quantized.reshape(b, c, n).transpose(1, 2).to(wdtype))  # (B, N, D)
-        dtype = x.dtype
-        g2 = self.grid_size ** 2
-        prefix = torch.cat([self.class_embedding.to(dtype).unsqueeze(0), self.mask_token.to(dtype).expand(1, g2, -1)],
-                           dim=1) + self.positional_embedding.to(dtype)  # (1, 1+G*G, D)
-        x = x + self.latent_token_positional_embedding[:n]
+        wdtype = self.class_embedding.dtype
         text = self.text_guidance_proj(text_guidance.to(wdtype)) + self.text_guidance_positional_embedding  # (B, 77, D)
-        x = torch.cat([prefix.expand(b, -1, -1).to(x.dtype), x, text.to(x.dtype)], dim=1)
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x[:, 1:1 + g2])  # (B, G*G, D)
-        x = _pointwise_conv(x, self.ffn[0])  # (B, G*G, p*p*3), channels ordered (p1, p2, c)
-        p, g = self.patch_size, self.grid_size
-        x = x.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)  # pixel shuffle
-        return conv2d(x, self.conv_out)
+        return self.head(self.body(z_quantized, suffix=text))
 
 
 # ---------------------------------------------------------------------------------------

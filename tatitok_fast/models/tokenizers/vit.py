@@ -1,6 +1,7 @@
 """The ViT pieces every TiTok-family tokenizer shares: the sizes table, pre-LN blocks with one
-packed QKV (the nn.MultiheadAttention state-dict layout), the patch-embedding GEMM and the
-TiTok encoder (patches + class token + learned latent tokens -> ViT -> latent tokens).
+packed QKV (the nn.MultiheadAttention state-dict layout), the patch-embedding GEMM, the TiTok
+encoder (patches + class token + learned latent tokens -> ViT -> latent tokens) and the TiTok
+decoder (mask tokens + latent tokens [+ TA-TiTok's text tokens] -> ViT -> pixels or VQGAN logits).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from tatitok_fast.checkpoint import cfg_require
-from tatitok_fast.models.nn.layers import Linear, attention, linear
+from tatitok_fast.models.nn.layers import Linear, attention, conv2d, linear
 
 VIT_SIZES = {  # width, layers, heads
     "tiny": (128, 4, 4),  # not an official size: CPU demos and tests
@@ -169,3 +170,77 @@ class TiTokEncoder(nn.Module):
             lat = lat.reshape(b, self.width, self.num_latent_tokens).transpose(1, 2)
         out = _pointwise_conv(lat, self.conv_out)  # (B, N, C)
         return out.transpose(1, 2).unsqueeze(2)  # (B, C, 1, N)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder: [class, G*G mask tokens, N latent tokens, optional extra tokens] -> ViT -> head
+
+VQGAN_CODES = 1024  # the is_legacy head predicts logits over the MaskGIT-VQGAN codebook
+
+
+class TiTokDecoder(nn.Module):
+    """The TiTok ViT decoder (official blocks.TiTokDecoder, same state-dict keys).
+
+    forward(z (B, C, 1, N)) -> is_legacy=False: RGB (B, 3, G*p, G*p);
+    is_legacy=True: logits over the 1024 MaskGIT-VQGAN codes (B, 1024, G, G), a channels-last
+    view (the two-stage decode softmaxes over the last dim of its memory).
+    Subclasses add tokens after the latents through `body(z, suffix)` (TA-TiTok's text)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        vq = config["model"]["vq_model"]
+        _vit_geometry(self, config, "dec")
+        self.token_size = vq["token_size"]
+
+        w = self.width
+        scale = w ** -0.5
+        self.decoder_embed = Linear(self.token_size, w)
+        self.class_embedding = nn.Parameter(scale * torch.randn(1, w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size ** 2 + 1, w))
+        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, w))
+        self.latent_token_positional_embedding = nn.Parameter(scale * torch.randn(self.num_latent_tokens, w))
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = Transformer(w, self.num_layers, self.num_heads)
+        self.ln_post = nn.LayerNorm(w)
+        p = self.patch_size
+        if self.is_legacy:  # ffn.0 -> tanh -> ffn.2: per-position logits over the VQGAN codes
+            self.ffn = nn.Sequential(nn.Conv2d(w, 2 * w, 1, padding=0, bias=True), nn.Tanh(),
+                                     nn.Conv2d(2 * w, VQGAN_CODES, 1, padding=0, bias=True))
+            self.conv_out = nn.Identity()
+        else:  # ffn.0 to p*p*3 channels; the pixel shuffle is in head()
+            self.ffn = nn.Sequential(nn.Conv2d(w, p * p * 3, 1, padding=0, bias=True))
+            self.conv_out = nn.Conv2d(3, 3, 3, padding=1, bias=True)
+
+    def body(self, z_quantized: torch.Tensor, suffix: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, C, 1, N) [+ suffix (B, L, D) appended after the latents] -> ViT -> the G*G
+        mask-token positions after ln_post (B, G*G, D)."""
+        b, c, h, n = z_quantized.shape
+        if h != 1 or n != self.num_latent_tokens:
+            raise ValueError(f"tokens: expected (B, C, 1, {self.num_latent_tokens}), got {tuple(z_quantized.shape)}")
+        wdtype = self.class_embedding.dtype  # inputs follow the weights (fp32 tokens into a bf16 model)
+        x = self.decoder_embed(z_quantized.reshape(b, c, n).transpose(1, 2).to(wdtype))  # (B, N, D)
+        dtype = x.dtype
+        g2 = self.grid_size ** 2
+        prefix = torch.cat([self.class_embedding.to(dtype).unsqueeze(0), self.mask_token.to(dtype).expand(1, g2, -1)],
+                           dim=1) + self.positional_embedding.to(dtype)  # (1, 1+G*G, D)
+        x = x + self.latent_token_positional_embedding[:n]
+        parts = [prefix.expand(b, -1, -1).to(x.dtype), x]
+        if suffix is not None:
+            parts.append(suffix.to(x.dtype))
+        x = self.transformer(self.ln_pre(torch.cat(parts, dim=1)))
+        return self.ln_post(x[:, 1:1 + g2])  # (B, G*G, D)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, G*G, D) -> RGB (B, 3, G*p, G*p), or legacy logits (B, 1024, G, G) (channels-last view)."""
+        b, g = x.shape[0], self.grid_size
+        if self.is_legacy:
+            x = torch.tanh(_pointwise_conv(x, self.ffn[0]))
+            x = _pointwise_conv(x, self.ffn[2])  # (B, G*G, 1024)
+            return x.view(b, g, g, VQGAN_CODES).permute(0, 3, 1, 2)
+        x = _pointwise_conv(x, self.ffn[0])  # (B, G*G, p*p*3), channels ordered (p1, p2, c)
+        p = self.patch_size
+        x = x.view(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)  # pixel shuffle
+        return conv2d(x, self.conv_out)
+
+    def forward(self, z_quantized: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(z_quantized))
