@@ -128,3 +128,28 @@ def interleave_rows(originals: Sequence[Image.Image], reconstructions: Sequence[
         cells += list(originals[j:j + ncols]) + pad + list(reconstructions[j:j + ncols]) + pad
     return cells, ncols
 
+
+
+def save_numbered(images: Sequence[Image.Image], out_dir: str | os.PathLike, names: Sequence[str],
+                  start: int = 0) -> list[Path]:
+    """Write images as out_dir/{start+i:05d}_{names[i]}.png (the generate commands' naming)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{start + i:05d}_{name}.png" for i, name in enumerate(names)]
+    for im, path in zip(images, paths):
+        im.save(path)
+    return paths
+
+
+def save_grid(images: Sequence[Image.Image], path: str | os.PathLike, max_cols: int = 8) -> Path:
+    """make_grid with up to `max_cols` columns, saved to `path`."""
+    make_grid(images, ncols=min(max_cols, len(images))).save(path)
+    return Path(path)
+
+
+def save_images_and_grid(images: torch.Tensor, out_dir: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """(B, 3, H, W) in [0, 1] -> numbered PNGs (save_numbered) plus out_dir/grid.png."""
+    pils = to_pil(images)
+    paths = save_numbered(pils, out_dir, names)
+    save_grid(pils, Path(out_dir) / "grid.png")
+    return paths

@@ -24,6 +24,10 @@ INCEPTION_FILE = WeightsFile(
     "TATITOK_FAST_INCEPTION_WEIGHTS", "--inception-weights",
     extra_locations=("{hub}/checkpoints/pt_inception-2015-12-05-6726825d.pth",))  # pytorch-fid's name
 POOL_DIM, NUM_CLASSES = 2048, 1008
+# sFID (ADM's evaluator): the first 7 channels of `mixed_6/conv` of the TF graph, the 1x1 branch
+# of the 4th 17x17 block (Mixed_6d.branch1x1 here), flattened in NHWC order: 17 * 17 * 7 = 2023
+SPATIAL_MODULE, SPATIAL_CHANNELS = "Mixed_6d.branch1x1", 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # at the 299 input of the real weights
 RANDOM_SEED = 0
 RANDOM_INPUT_SIZE = 75  # weights="random" only
 
@@ -88,3 +92,16 @@ class InceptionFeatures(nn.Module):
             x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
         pool, logits = self.net(x)
         return pool.float(), logits.float()
+
+    @torch.no_grad()
+    def with_spatial(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool (B, 2048), logits (B, 1008), spatial (B, SPATIAL_DIM)): forward plus the sFID
+        features (see SPATIAL_MODULE)."""
+        grabbed = []
+        hook = self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(
+            lambda _m, _i, out: grabbed.append(out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()))
+        try:
+            pool, logits = self(images)
+        finally:
+            hook.remove()
+        return pool, logits, grabbed[0]
