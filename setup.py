@@ -68,23 +68,49 @@ def find_nvcc(torch_cuda: str):
     return None, None, None, rejected
 
 
+_ARCH_ITEM = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+_ARCH_FLAG = re.compile(r"^(?:sm|compute)_(\d+)([af]?)$")
+
+
+def parse_arch_list(spec: str) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0a 10.0+PTX") -> CMake CUDA_ARCHITECTURES entries
+    (["80-real", "90a-real", "100-real", "100-virtual"]). Raises ValueError naming the item."""
+    archs = []
+    for item in re.split(r"[;\s]+", spec.strip()):
+        if not item:
+            continue
+        m = _ARCH_ITEM.match(item)
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: expected items like 8.0, 9.0a or 9.0+PTX separated by ';' "
+                             f"or spaces, got {item!r} in {spec!r}")
+        num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
+        archs.append(f"{num}-real")
+        if m.group(4):
+            archs.append(f"{num}-virtual")
+    if not archs:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST: no architecture in {spec!r}")
+    return archs
+
+
+def parse_torch_arch_flags(flags: str) -> list[int]:
+    """torch._C._cuda_getArchFlags() ("sm_80 sm_90 sm_90a sm_100f compute_120") -> the
+    numeric SASS archs it names, sorted ([80, 90, 100]); the a/f feature suffixes fold into
+    the plain arch (our kernels use no arch-specific instructions), compute_* (PTX) is skipped."""
+    nums = set()
+    for flag in flags.split():
+        m = _ARCH_FLAG.match(flag)
+        if m is not None and flag.startswith("sm_"):
+            nums.add(int(m.group(1)))
+    return sorted(nums)
+
+
 def cuda_archs_from_env(torch_arch_flags: str) -> str:
-    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") or torch's own archs -> CMake CUDA_ARCHITECTURES."""
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") or torch's own archs -> CMake CUDA_ARCHITECTURES
+    (sm_90 always included; PTX of the newest arch so that newer GPUs JIT it)."""
     spec = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if spec:
-        archs = []
-        for item in re.split(r"[;\s]+", spec):
-            if not item:
-                continue
-            ptx = item.endswith("+PTX")
-            num = item.replace("+PTX", "").replace(".", "")
-            archs.append(f"{num}-real")
-            if ptx:
-                archs.append(f"{num}-virtual")
-        return ";".join(archs)
-    nums = sorted({int(a.split("_")[1]) for a in torch_arch_flags.split() if a.startswith("sm_")})
-    if not nums:
-        nums = [80, 90]
+        return ";".join(parse_arch_list(spec))
+    nums = parse_torch_arch_flags(torch_arch_flags) or [80, 90]
     if 90 not in nums:
         nums = sorted(nums + [90])
     return ";".join([f"{n}-real" for n in nums] + [f"{nums[-1]}-virtual"])
@@ -145,4 +171,5 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
 
 
-setup(ext_modules=[CMakeExtension("tatitok_fast._C")], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import the parsers
+    setup(ext_modules=[CMakeExtension("tatitok_fast._C")], cmdclass={"build_ext": CMakeBuild})
