@@ -42,7 +42,9 @@ def require_kernel(op: str, device: torch.device, arg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels: shapes and dtypes only, for torch.compile / meta tensors.
+# Fake kernels: shapes and dtypes only, for torch.compile / meta tensors. Every native kernel
+# returns fresh contiguous tensors (at::empty of the shape), so the fakes use new_empty (a
+# contiguous result), never empty_like (which would copy a non-contiguous input's strides).
 
 @torch.library.register_fake("tatitok_fast::vq_nearest_code")
 def _vq_nearest_code_fake(z, codebook, l2_normalize):
@@ -61,19 +63,19 @@ def _kl_sample_fake(parameters, noise, deterministic, generator):
 
 @torch.library.register_fake("tatitok_fast::kl_sample_backward")
 def _kl_sample_backward_fake(grad_sample, grad_mean, grad_std, grad_kl, parameters, sample, deterministic):
-    return torch.empty_like(parameters)
+    return parameters.new_empty(parameters.shape)
 
 
 @torch.library.register_fake("tatitok_fast::maskgen_unmask_step")
 def _maskgen_unmask_step_fake(logits, uncond_logits, guidance_scale, ids, mask_token_id, mask_len_per_row,
                               mask_len, softmax_temperature, sample_temperature, confidence_temperature,
                               last_step, sample_noise, confidence_noise, generator):
-    return torch.empty_like(ids)
+    return ids.new_empty(ids.shape)
 
 
 @torch.library.register_fake("tatitok_fast::mask_by_order")
 def _mask_by_order_fake(orders, mask, mask_len, last_step):
-    return torch.empty_like(orders, dtype=torch.bool), torch.empty_like(orders, dtype=torch.bool)
+    return orders.new_empty(orders.shape, dtype=torch.bool), orders.new_empty(orders.shape, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------
