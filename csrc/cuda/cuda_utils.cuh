@@ -30,8 +30,19 @@ __device__ __forceinline__ void philox_seed_counter(const at::PhiloxCudaState& s
   *counter = std::get<1>(unpacked) / 4;
 }
 
-inline int num_blocks(int64_t work, int threads) {
-  return static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 1 << 30));
+// The kernels have no grid-stride loops: one thread (or warp, or block) per work item, so
+// the grid must cover all the work. gridDim.x is at most 2^31 - 1: refuse a launch that
+// would need more blocks (a clear error instead of silently skipped items).
+inline unsigned grid_blocks(int64_t blocks, const char* op) {
+  constexpr int64_t kMaxGridX = (int64_t{1} << 31) - 1;
+  TORCH_CHECK(blocks <= kMaxGridX, op, ": the input needs ", blocks, " thread blocks, more than the ",
+              kMaxGridX, " a CUDA grid holds; split the input into smaller calls");
+  return static_cast<unsigned>(blocks);
+}
+
+// Blocks of `threads` work items covering `work` items.
+inline unsigned num_blocks(int64_t work, int threads, const char* op) {
+  return grid_blocks((work + threads - 1) / threads, op);
 }
 
 }  // namespace tatitok_fast

@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cuda(const 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 128;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "kl_sample_cuda", [&] {
-    kl_sample_kernel<scalar_t><<<num_blocks(B * W, kThreads), kThreads, 0, stream>>>(
+    kl_sample_kernel<scalar_t><<<num_blocks(B * W, kThreads, "kl_sample"), kThreads, 0, stream>>>(
         params.data_ptr<scalar_t>(), noise_c.defined() ? noise_c.data_ptr<float>() : nullptr, B, C, H, W,
         deterministic, rng, sample.data_ptr<float>(), mean.data_ptr<float>(), std_out.data_ptr<float>(),
         kl.data_ptr<float>());
@@ -99,7 +99,8 @@ at::Tensor kl_sample_backward_cuda(const std::optional<at::Tensor>& grad_sample,
   const KLBackwardInputs in = prepare_kl_backward(grad_sample, grad_mean, grad_std, grad_kl, parameters, sample);
   if (in.grad.numel() > 0) {
     constexpr int kThreads = 128;
-    kl_backward_kernel<<<num_blocks(in.B * in.W, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    const unsigned blocks = num_blocks(in.B * in.W, kThreads, "kl_sample_backward");
+    kl_backward_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         in.params.data_ptr<float>(), in.sample.data_ptr<float>(), in.grads(), in.B, in.C, in.H, in.W, deterministic,
         in.grad.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

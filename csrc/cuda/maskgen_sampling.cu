@@ -160,7 +160,7 @@ at::Tensor maskgen_unmask_step_cuda(const at::Tensor& logits, const std::optiona
   // torch's CUDA division by a host scalar multiplies by the fp32 reciprocal; so do we.
   const float inv_temp = 1.0f / static_cast<float>(softmax_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "maskgen_unmask_step_cuda", [&] {
-    unmask_sample_kernel<scalar_t><<<static_cast<unsigned>(B * L), kSampleThreads, 0, stream>>>(
+    unmask_sample_kernel<scalar_t><<<grid_blocks(B * L, "maskgen_unmask_step"), kSampleThreads, 0, stream>>>(
         lg.data_ptr<scalar_t>(), ul.defined() ? ul.data_ptr<scalar_t>() : nullptr,
         static_cast<float>(guidance_scale), id_c.data_ptr<int64_t>(), mask_token_id, K, inv_temp,
         static_cast<float>(sample_temperature), static_cast<float>(confidence_temperature),
@@ -169,7 +169,7 @@ at::Tensor maskgen_unmask_step_cuda(const at::Tensor& logits, const std::optiona
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const int threads = static_cast<int>(std::min<int64_t>(1024, (L + 31) / 32 * 32));
-  unmask_select_kernel<<<static_cast<unsigned>(B), threads, L * sizeof(float), stream>>>(
+  unmask_select_kernel<<<grid_blocks(B, "maskgen_unmask_step"), threads, L * sizeof(float), stream>>>(
       conf.data_ptr<float>(), sampled.data_ptr<int64_t>(), ml.defined() ? ml.data_ptr<int64_t>() : nullptr, mask_len,
       L, mask_token_id, last_step, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -187,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor> mask_by_order_cuda(const at::Tensor& orders, 
   const at::Tensor ord = orders.contiguous();
   const at::Tensor cur = mask.to(at::kBool).contiguous();
   const int threads = static_cast<int>(std::min<int64_t>(1024, (L + 31) / 32 * 32));
-  mask_by_order_kernel<<<static_cast<unsigned>(B), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const unsigned blocks = grid_blocks(B, "mask_by_order");
+  mask_by_order_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       ord.data_ptr<int64_t>(), cur.data_ptr<bool>(), L, mask_len, last_step, next.data_ptr<bool>(),
       to_pred.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,7 +1,8 @@
 // CUDA kernels of vq_nearest_code: the nearest code of every row of z, exact, without the
 // (N, K) distance matrix. Two paths:
 //
-// Tensor cores (sm_80+, K < 2^31; twin: ops/reference.py vq_nearest_code_mma_ref):
+// Tensor cores (sm_80+ and a kernel image compiled for compute_80+, K < 2^31; twin:
+// ops/reference.py vq_nearest_code_mma_ref):
 //   1. vq_mma_candidates_kernel: block (x, y) owns 64 rows and the y-th range of codes, in
 //      64-code tiles; 4 warps compute the 64 x 64 dot products with TF32 wmma (m16n16k8, fp32
 //      accumulation; bf16/fp16 inputs are exact in TF32) over D in slices of 32. Scores
@@ -15,7 +16,7 @@
 //   So the result is the nearest code by fp64 distance however TF32 rounds; for random
 //   64-dim data with 8192 codes no row needed step 3 in the twin with 4 candidates.
 //
-// SIMT fallback (older GPUs): block (x, y) owns 64 rows and the y-th range of codes, walked
+// SIMT fallback (older GPUs, or builds whose loaded image predates sm_80): block (x, y) owns 64 rows and the y-th range of codes, walked
 // in 64-code tiles staged through shared memory with D in slices of 16 (an SGEMM-style 4x4
 // register tile per thread), fp32 scores, the 16 threads sharing rows reducing with shuffles
 // (ties to the lowest index as torch.argmin); the finish kernel merges the ranges in code
@@ -307,6 +308,11 @@ __global__ void __launch_bounds__(kMThreads) vq_mma_candidates_kernel(
     }
     part_t[base] = list.t;
   }
+#else
+  // Compiled for a PTX/SASS target without TF32 wmma: the host never launches this image
+  // (mma_kernel_usable reads the loaded image's ptxVersion); if it ever does, fail loudly
+  // rather than leave part_* uninitialised for the finish kernel.
+  __trap();
 #endif
 }
 
@@ -416,10 +422,19 @@ __global__ void __launch_bounds__(kThreads) vq_exact_rows_kernel(const scalar_t*
   }
 }
 
-bool tensor_cores_available(int device) {
+// Whether the tensor-core candidates kernel has a body on the current device: the image the
+// driver loads for it (SASS for this GPU, or PTX JIT-compiled from an older virtual arch,
+// e.g. a TORCH_CUDA_ARCH_LIST=7.5+PTX build on an H100) must come from compute_80 or newer,
+// since the body is compiled only under __CUDA_ARCH__ >= 800. The device's own capability
+// is not enough: it says what the GPU could run, not what was compiled.
+template <typename scalar_t>
+bool mma_kernel_usable(int device) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+  if (major < 8) return false;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, vq_mma_candidates_kernel<scalar_t>));
+  return attr.ptxVersion >= 80;
 }
 
 int multiprocessor_count(int device) {
@@ -449,7 +464,11 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cuda(const at::Tensor& z, con
   const at::Tensor e_norm = ec.to(at::kFloat).pow(2).sum(1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t want = 2 * static_cast<int64_t>(multiprocessor_count(z.get_device()));
-  if (tensor_cores_available(z.get_device()) && K <= std::numeric_limits<int32_t>::max() - kMBN) {
+  bool use_mma = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda_arch", [&] {
+    use_mma = mma_kernel_usable<scalar_t>(z.get_device());
+  });
+  if (use_mma && K <= std::numeric_limits<int32_t>::max() - kMBN) {
     // Split the codes so that about two blocks per SM run even when N is small.
     const int64_t row_blocks = (N + kMBM - 1) / kMBM, code_tiles = (K + kMBN - 1) / kMBN;
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(code_tiles, (want + row_blocks - 1) / row_blocks));
@@ -462,17 +481,17 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cuda(const at::Tensor& z, con
     // fp32 inputs are rounded to TF32 (2^-10 covers nearest and truncation); bf16/fp16 are exact
     const double u_in = zc.scalar_type() == at::kFloat ? 9.765625e-04 : 0.0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda_mma", [&] {
-      const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(used_splits));
+      const dim3 grid(grid_blocks(row_blocks, "vq_nearest_code"), static_cast<unsigned>(used_splits));
       vq_mma_candidates_kernel<scalar_t><<<grid, kMThreads, 0, stream>>>(
           zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), e_norm.data_ptr<float>(), N, K, D, codes_per_split,
           part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      vq_mma_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 32), kThreads, 0, stream>>>(
+      vq_mma_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 32, "vq_nearest_code"), kThreads, 0, stream>>>(
           zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), N, K, D, static_cast<int>(used_splits),
           part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>(),
           e_norm_max_sq.data_ptr<float>(), u_in, indices.data_ptr<int64_t>(), distances.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      vq_exact_rows_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      vq_exact_rows_kernel<scalar_t><<<grid_blocks(N, "vq_nearest_code"), kThreads, 0, stream>>>(
           zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), K, D, indices.data_ptr<int64_t>(),
           distances.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -488,12 +507,12 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cuda(const at::Tensor& z, con
   auto part_v = at::empty({used_splits, N}, z.options().dtype(at::kFloat));
   auto part_k = at::empty({used_splits, N}, z.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda", [&] {
-    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(used_splits));
+    const dim3 grid(grid_blocks(row_blocks, "vq_nearest_code"), static_cast<unsigned>(used_splits));
     vq_argmin_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(),
                                                               e_norm.data_ptr<float>(), N, K, D, codes_per_split,
                                                               part_v.data_ptr<float>(), part_k.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    vq_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 16), kThreads, 0, stream>>>(
+    vq_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 16, "vq_nearest_code"), kThreads, 0, stream>>>(
         zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), N, D, static_cast<int>(used_splits),
         part_v.data_ptr<float>(), part_k.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
         distances.data_ptr<float>());
