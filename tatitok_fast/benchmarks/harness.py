@@ -133,7 +133,8 @@ def _time_cuda_graph(fn: Callable[[], Any], device: torch.device, min_run_time: 
     time = replay time / calls. For µs-scale kernels, where eager timing measures the host's
     launch overhead rather than the kernel (and the sampling loops run as graphs anyway).
     Inputs stay in L2 between calls (no flush inside a graph). Raises RuntimeError when fn
-    cannot be captured (a host sync, a CPU tensor, an uncapturable RNG)."""
+    cannot be captured (a host sync, a CPU tensor, an uncapturable RNG). Call it with
+    `device` current (measure holds the guard): events and replays use the current stream."""
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
@@ -143,9 +144,12 @@ def _time_cuda_graph(fn: Callable[[], Any], device: torch.device, min_run_time: 
     current.wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # captured on `side` (made on `device`; the caller holds the device guard): torch.cuda.graph's
+    # default capture stream is made once, on whichever device was current at the first capture
+    with torch.cuda.graph(graph, stream=side):
         for _ in range(calls):
             fn()  # each result is dropped at once: its block is reused by the next call in the graph pool
+    current.wait_stream(side)
     graph.replay()
     torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -267,15 +271,18 @@ def measure(fn: Callable[[], Any], *, device: torch.device | str, min_run_time: 
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {device} requested but CUDA is not available")
         median = None
-        if cuda_graph:
-            try:
-                median, iqr, runs = _time_cuda_graph(fn, device, min_run_time, cuda_graph)
-                timer = f"cuda graph x{cuda_graph}"
-            except RuntimeError as e:  # not capturable: time it eagerly, and say so
-                torch.cuda.synchronize(device)
-                timer = f"events (graph capture failed: {str(e).splitlines()[0][:80]})"
-        if median is None:
-            median, iqr, runs = _time_cuda(fn, device, min_run_time, flush_l2)
+        # `device` current while timing: events, graph capture and replay use the current
+        # device's stream and RNG, which must be fn's ("cuda:1" while cuda:0 is current)
+        with torch.cuda.device(device):
+            if cuda_graph:
+                try:
+                    median, iqr, runs = _time_cuda_graph(fn, device, min_run_time, cuda_graph)
+                    timer = f"cuda graph x{cuda_graph}"
+                except RuntimeError as e:  # not capturable: time it eagerly, and say so
+                    torch.cuda.synchronize(device)
+                    timer = f"events (graph capture failed: {str(e).splitlines()[0][:80]})"
+            if median is None:
+                median, iqr, runs = _time_cuda(fn, device, min_run_time, flush_l2)
     elif device.type == "cpu":
         t0 = time.perf_counter()
         fn()

@@ -12,7 +12,13 @@ it and bounded:
   graph is reset, which hands its private memory pool back to the caching allocator;
 - the capture call draws the same random numbers as any later replay: the CUDA RNG state is
   saved before the warm-up run and restored after it, so one seed gives one answer whether
-  the loop ran eagerly, was captured by this call, or was replayed.
+  the loop ran eagerly, was captured by this call, or was replayed;
+- the generators build their keys with `graph_key`, which adds the ops mode (fused kernels
+  or reference_mode()): a loop captured with the fused kernels is never replayed inside
+  reference_mode(), nor the other way round;
+- capture and replay run on the inputs' device (device guard, side stream made there), not
+  on whichever device is current: a model on cuda:1 captures cuda:1's work and registers
+  cuda:1's generator.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from typing import Callable, Hashable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+
+from tatitok_fast.ops.mode import fused_enabled
 
 
 class CapturedLoop(NamedTuple):
@@ -34,17 +42,33 @@ def capture_cuda_graph(fn: Callable, static_in: Sequence[torch.Tensor]) -> Captu
     capture it. The warm-up's random draws are undone, so the caller's RNG stream is left as
     if only the captured work had run."""
     device = static_in[0].device
-    rng = torch.cuda.get_rng_state(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn(*static_in)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.set_rng_state(rng, device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(*static_in)
-    return CapturedLoop(graph.replay, static_out, graph.reset)
+    with torch.cuda.device(device):  # current device = the model's: the RNG the capture registers, the streams
+        rng = torch.cuda.get_rng_state(device)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn(*static_in)
+        current.wait_stream(side)
+        torch.cuda.set_rng_state(rng, device)
+        graph = torch.cuda.CUDAGraph()
+        # an explicit capture stream on `device`: torch.cuda.graph's default is one stream made
+        # once, on whichever device was current the first time any graph was captured
+        with torch.cuda.graph(graph, stream=side):
+            static_out = fn(*static_in)
+        current.wait_stream(side)
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return CapturedLoop(replay, static_out, graph.reset)
+
+
+def graph_key(*parts: Hashable) -> tuple:
+    """A sampling loop's cache key: the caller's parts (batch, schedule, dtype, ...) and the
+    ops mode the loop runs in ("fused", or "reference" inside reference_mode())."""
+    return (*parts, "fused" if fused_enabled() else "reference")
 
 
 def parameter_fingerprint(module: nn.Module) -> tuple:

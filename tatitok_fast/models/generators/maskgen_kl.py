@@ -12,7 +12,7 @@ from tqdm import tqdm
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.generators.diffloss import DiffLoss
-from tatitok_fast.models.generators.graph_runner import _use_graph
+from tatitok_fast.models.generators.graph_runner import _use_graph, graph_key
 from tatitok_fast.models.nn.layers import Linear
 from tatitok_fast.models.generators.maskgen_base import _mask_by_order, _MaskGenBase, _validate_generator_config, aesthetic_scores
 from tatitok_fast.models.generators.maskgen_schedules import KLStep, _check_sampling_args, get_masking_ratio, sinusoid_interleaved
@@ -249,6 +249,6 @@ class MaskGen_KL(_MaskGenBase):
         if not _use_graph(use_cuda_graph, device, generator):
             return self._sample_loop(condition, condition_pooled, orders, schedule, temperature, use_cfg, generator,
                                      progress)
-        key = ("kl", bsz, tuple(schedule), float(temperature), use_cfg, dtype)
+        key = graph_key("kl", bsz, tuple(schedule), float(temperature), use_cfg, dtype)
         return self._graphs(key, lambda c, p, o: self._sample_loop(c, p, o, schedule, temperature, use_cfg, None),
                             [condition, condition_pooled, orders], module=self)

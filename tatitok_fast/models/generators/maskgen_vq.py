@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from tatitok_fast import ops
-from tatitok_fast.models.generators.graph_runner import _use_graph
+from tatitok_fast.models.generators.graph_runner import _use_graph, graph_key
 from tatitok_fast.models.nn.layers import Linear, linear
 from tatitok_fast.models.generators.maskgen_base import _MaskGenBase, _validate_generator_config, aesthetic_scores
 from tatitok_fast.models.generators.maskgen_schedules import (GUIDANCE_DECAYS, VQStep, _check_sampling_args, get_masking_ratio,
@@ -253,6 +253,6 @@ class MaskGen_VQ(_MaskGenBase):
         ids = torch.full((b, self.image_seq_len), self.mask_token_id, device=device, dtype=torch.long)
         if not use_graph:
             return self._sample_loop(context, temb, ids, schedule, generator, noise, prob_sorting)
-        key = ("vq", b, tuple(schedule), dtype)
+        key = graph_key("vq", b, tuple(schedule), dtype)
         return self._graphs(key, lambda c, t, i: self._sample_loop(c, t, i, schedule, None, noise, prob_sorting),
                             [context, temb, ids], module=self)

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
-from tatitok_fast.models.generators.graph_runner import _GraphRunner, _use_graph
+from tatitok_fast.models.generators.graph_runner import _GraphRunner, _use_graph, graph_key
 from tatitok_fast.models.generators.maskgen_schedules import _check_sampling_args
 from tatitok_fast.models.generators.maskgit_blocks import BertCore, UViTBlock
 from tatitok_fast.models.nn.layers import Linear
@@ -294,7 +294,7 @@ class ImageBert(PretrainedModel):
         ids = torch.full((b, self.image_seq_len), self.mask_token_id, device=device, dtype=torch.long)
         if not use_graph:
             return self._sample_loop(tokens, ids, schedule, noise, generator)
-        key = ("maskgit", b, tuple(schedule), next(self.parameters()).dtype)
+        key = graph_key("maskgit", b, tuple(schedule), next(self.parameters()).dtype)
         return self._graphs(key, lambda t, i: self._sample_loop(t, i, schedule, noise, None), [tokens, ids],
                             module=self)
 
