@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -296,10 +297,14 @@ class CheckpointManager:
         try:
             with _quiet_single_process(self.world):
                 dcp.load(state, storage_reader=reader, planner=_SafePlanner())
-        except ResumeError:
-            raise
-        except Exception as exc:  # the files passed the manifest but their content does not read
-            raise _Corrupt(f"{type(exc).__name__}: {exc}", touched=True) from exc
+        except (Exception, CheckpointException) as exc:  # DCP wraps every rank's error (a BaseException)
+            causes = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
+            refused = next((e for e in causes if isinstance(e, ResumeError)), None)
+            if refused is not None:
+                raise ResumeError(str(refused)) from None
+            # the files passed the manifest but their content does not read
+            first = causes[0] if causes else exc
+            raise _Corrupt(f"{type(first).__name__}: {first}", touched=True) from exc
         if state["step"] != step:
             raise ResumeError(f"{path}: its step entry {state['step']} does not match the folder name")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

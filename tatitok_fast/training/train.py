@@ -232,7 +232,8 @@ class Trainer:
                     counts = {f"data/{k}": torch.tensor(float(v)) for k, v in self.position.totals().items()}
                     values = parallel.all_reduce_mean({**{k: v / n for k, v in window.items()}, **counts},
                                                       self.world)
-                    values.update({k: values[k] * self.world.world_size for k in counts})  # sums over ranks
+                    # sums over ranks (integers; the mean went through float32)
+                    values.update({k: float(round(values[k] * self.world.world_size)) for k in counts})
                     values["skipped_steps"] = float(skipped)
                     self.metrics.log(self.step, values)
                     window, n = {}, torch.zeros(())
