@@ -14,6 +14,8 @@ import torch.nn as nn
 from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.nn.layers import Linear
 from tatitok_fast.models.nn.pretrained import PretrainedModel, default_text_encoder
+from tatitok_fast.models.tokenizers.common import (check_images, check_latents, ids_to_latents, init_titok_weights,
+                                                   tokenize_images)
 from tatitok_fast.models.tokenizers.quantizers import DiagonalGaussianDistribution, VectorQuantizer
 from tatitok_fast.models.tokenizers.vit import VIT_SIZES, PackedSelfAttention, TiTokDecoder, TiTokEncoder
 
@@ -102,17 +104,7 @@ class TATiTok(PretrainedModel):
         if not isinstance(cfg_get(config, "dataset.preprocessing.crop_size"), int):
             raise ValueError("config: missing dataset.preprocessing.crop_size")
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.zeros_(module.bias)
-            nn.init.ones_(module.weight)
+    _init_weights = staticmethod(init_titok_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.transformer.grad_checkpointing = enable
@@ -120,7 +112,7 @@ class TATiTok(PretrainedModel):
 
     # ---- the reference's surface ----
     def encode(self, x: torch.Tensor):
-        _check_images(x, self.image_size)
+        check_images(x, self.image_size, "TATiTok")
         z = self.encoder(pixel_values=x, latent_tokens=self.latent_tokens)
         if self.quantize_mode == "vq":
             return self.quantize(z)
@@ -133,27 +125,9 @@ class TATiTok(PretrainedModel):
 
     def decode_tokens(self, tokens: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
         if self.quantize_mode == "vq":
-            if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (2, 3):
-                raise ValueError(f"tokens: expected integer ids (B, N) or (B, 1, N), got {tokens.dtype} {tuple(tokens.shape)}")
-            ids = tokens.reshape(tokens.shape[0], -1)
-            if ids.shape[1] != self.num_latent_tokens:
-                raise ValueError(f"tokens: expected {self.num_latent_tokens} tokens per image, got {ids.shape[1]}")
-            in_range = ((ids >= 0) & (ids < self.codebook_size)).all()  # 0-d bool, no host sync
-            if ids.device.type == "cpu" and not torch.compiler.is_compiling():
-                if not bool(in_range):
-                    bad = ids[(ids < 0) | (ids >= self.codebook_size)]
-                    raise ValueError(f"tokens: expected ids in [0, {self.codebook_size}) (the codebook), got "
-                                     f"{bad.numel()} outside it, e.g. {bad[0].item()}")
-            elif ids.device.type != "meta":  # CUDA: an asynchronous device-side assert
-                torch._assert_async(in_range, f"tokens: expected ids in [0, {self.codebook_size}) (the codebook)")
-            z = self.quantize.get_codebook_entry(ids.reshape(-1).long())  # (B*N, C)
-            z = z.view(ids.shape[0], 1, ids.shape[1], -1).permute(0, 3, 1, 2).contiguous()  # (B, C, 1, N)
+            z = ids_to_latents(tokens, self.quantize, self.num_latent_tokens, self.codebook_size)
         else:
-            expected = (self.token_size, 1, self.num_latent_tokens)
-            if tokens.dim() != 4 or tuple(tokens.shape[1:]) != expected or not tokens.is_floating_point():
-                raise ValueError(f"tokens: expected float (B, {', '.join(map(str, expected))}), got "
-                                 f"{tokens.dtype} {tuple(tokens.shape)}")
-            z = tokens
+            z = check_latents(tokens, self.token_size, self.num_latent_tokens)
         return self.decode(z, text_guidance)
 
     def forward(self, x: torch.Tensor, text_guidance: torch.Tensor):
@@ -161,18 +135,10 @@ class TATiTok(PretrainedModel):
         return self.decode(z, text_guidance), result
 
     # ---- high-level API ----
-    @torch.no_grad()
     def tokenize(self, images, *, sample: bool = False) -> torch.Tensor:
         """PIL images, uint8 tensors (B, 3, H, W)/(3, H, W), float tensors in [0, 1] or file
         paths -> tokens: VQ ids (B, 1, N) int64; KL (B, C, 1, N) (posterior mean, or a sample)."""
-        from tatitok_fast.images import load_images
-
-        p = next(self.parameters())
-        x = load_images(images, self.image_size).to(p.device, p.dtype)
-        z, result = self.encode(x)
-        if self.quantize_mode == "vq":
-            return result["min_encoding_indices"]
-        return z if sample else result.mode()
+        return tokenize_images(self, images, sample)
 
     @torch.no_grad()
     def detokenize(self, tokens: torch.Tensor, captions, text_encoder=None) -> torch.Tensor:
@@ -189,17 +155,6 @@ class TATiTok(PretrainedModel):
         with torch.autocast(p.device.type, enabled=False):
             out = self.decode_tokens(tokens, guidance.to(p.dtype))
         return out.float().clamp_(0.0, 1.0)
-
-
-def _check_images(x: torch.Tensor, size: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"x: expected images (B, 3, {size}, {size}), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if tuple(x.shape[2:]) != (size, size):
-        raise ValueError(f"x: this tokenizer takes {size}x{size} images, got {tuple(x.shape[2:])}; resize/crop first "
-                         "(TATiTok.tokenize does)")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected float images in [0, 1], got {x.dtype}")
 
 
 def _check_text_guidance(t: torch.Tensor, batch: int, decoder: TATiTokDecoder) -> None:
