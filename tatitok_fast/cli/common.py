@@ -67,13 +67,14 @@ def runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 
 def load_tokenizer(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    from tatitok_fast import TATiTok
+    """--tokenizer: a TA-TiTok or TiTok preset / Hub id / folder, or the MaskGIT-VQGAN."""
     from tatitok_fast.checkpoint import CheckpointError
+    from tatitok_fast.models.tokenizers.loading import load_tokenizer as load
+    from tatitok_fast.weight_files import WeightsFileError
 
     try:
-        model = TATiTok.from_pretrained(args.tokenizer, cache_dir=args.cache_dir,
-                                        local_files_only=args.local_files_only)
-    except (CheckpointError, KeyError, ValueError, NotImplementedError) as exc:
+        model = load(args.tokenizer, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
+    except (CheckpointError, WeightsFileError, KeyError, ValueError, NotImplementedError) as exc:
         raise CommandError(f"--tokenizer {args.tokenizer}: {exc}") from None
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

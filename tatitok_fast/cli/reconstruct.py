@@ -1,6 +1,7 @@
 """`tatitok-fast reconstruct IMAGE... --tokenizer NAME_OR_PATH -o OUT`: images -> tokens ->
 images, written as <name>_recon.png beside a side-by-side grid (originals over
-reconstructions)."""
+reconstructions). The tokenizer: a TA-TiTok or TiTok preset, Hub repo id or checkpoint folder,
+or maskgit_vqgan (the MaskGIT-VQGAN). Only TA-TiTok reads captions (its text guidance)."""
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,14 @@ from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_te
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("reconstruct", help="reconstruct images through a TA-TiTok tokenizer",
-                              description=__doc__)
+    p = subparsers.add_parser("reconstruct", help="reconstruct images through a TA-TiTok / TiTok / MaskGIT-VQGAN "
+                              "tokenizer", description=__doc__)
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--tokenizer", required=True, help="preset name, Hub repo id or checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="preset name (TA-TiTok, TiTok, maskgit_vqgan), Hub repo id "
+                                                       "or checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--caption", default=None, help="text guidance for every image (default: a .txt file beside "
-                                                     "each image with the same name, else empty)")
+    p.add_argument("--caption", default=None, help="TA-TiTok: text guidance for every image (default: a .txt file "
+                                                     "beside each image with the same name, else empty)")
     p.add_argument("--sample", action="store_true", help="KL tokenizers: decode a posterior sample, not its mean")
     add_runtime_arguments(p)
     add_text_encoder_arguments(p)
@@ -50,8 +52,11 @@ def reconstruct(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args, device, dtype)
-    text_encoder = load_text_encoder(args, device, [("--tokenizer", tokenizer.config)])
-    captions = _captions(files, args.caption)
+    from tatitok_fast import TATiTok
+
+    text_path = isinstance(tokenizer, TATiTok)  # TiTok and the MaskGIT-VQGAN decode without captions
+    text_encoder = load_text_encoder(args, device, [("--tokenizer", tokenizer.config)]) if text_path else None
+    captions = _captions(files, args.caption) if text_path else [""] * len(files)
     torch.manual_seed(args.seed)
     originals, recons = [], []
     for i in tqdm(range(0, len(files), args.batch_size), desc="reconstruct", unit="batch", disable=not args.progress):

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tokenize", help="turn images into token shards for generator training",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image folders/files, or webdataset shards (e.g. 'data-{000..009}.tar')")
-    p.add_argument("--tokenizer", required=True, help="preset name, Hub repo id or checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="preset name (TA-TiTok, TiTok, maskgit_vqgan), Hub repo id "
+                                                       "or checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output folder for tokens-NNNNNN.tar shards")
     p.add_argument("--shard-size", type=int, default=10000, help="samples per output shard")
     p.add_argument("--aes-score", type=float, default=None,
@@ -137,7 +138,7 @@ def _check_expectations(args, tokenizer) -> None:
 def _encode(tokenizer, x: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) -> per-sample arrays: VQ ids (B, N) int64 or KL parameters (B, 2C, 1, N) float32."""
     if tokenizer.quantize_mode == "vq":
-        ids = tokenizer.tokenize(x)  # (B, 1, N)
+        ids = tokenizer.tokenize(x)  # (B, 1, N); the MaskGIT-VQGAN: (B, N)
         return ids.reshape(ids.shape[0], -1).cpu().numpy()
     z = tokenizer.encoder(x, tokenizer.latent_tokens)  # (B, 2C, 1, N) posterior parameters
     return z.float().cpu().numpy()

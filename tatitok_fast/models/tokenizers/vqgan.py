@@ -13,6 +13,7 @@ under autocast, the nearest-code search through the fused vq_nearest_code op.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Mapping
@@ -249,9 +250,11 @@ class MaskGITVQGAN(nn.Module):
     def __init__(self, pretrained_weight: str | os.PathLike | None = None, *, image_size: int = 256):
         super().__init__()
         conf = dict(presets.MASKGIT_VQGAN_CONFIG)
-        self.encoder = Encoder(conf)
-        self.decoder = Decoder(conf)
-        self.quantize = PixelQuantizer(*presets.MASKGIT_VQGAN_CODEBOOK)
+        # with weights to load, build on the meta device (no 54M-parameter random init) and assign
+        with torch.device("meta") if pretrained_weight is not None else contextlib.nullcontext():
+            self.encoder = Encoder(conf)
+            self.decoder = Decoder(conf)
+            self.quantize = PixelQuantizer(*presets.MASKGIT_VQGAN_CODEBOOK)
         # the tokenizer surface the CLI commands read (TiTok / TA-TiTok have the same names)
         self.config = {"maskgit_vqgan": conf, "dataset": {"preprocessing": {"crop_size": image_size}}}
         if image_size % DOWNSAMPLE:
@@ -285,7 +288,10 @@ class MaskGITVQGAN(nn.Module):
 
         sd = checkpoint.load_state_dict_file(Path(path))
         sd = checkpoint.check_and_fill(self, sd, f"MaskGIT-VQGAN weights {path}")
-        self.load_state_dict(sd, strict=True)
+        on_meta = next(self.parameters()).is_meta
+        if on_meta:  # fp32 parameters, as the official model holds them, whatever the file stores
+            sd = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in sd.items()}
+        self.load_state_dict(sd, strict=True, assign=on_meta)
 
     def _check_images(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
