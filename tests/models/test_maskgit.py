@@ -17,7 +17,7 @@ import torch
 
 from tatitok_fast import ImageBert, UViTBert
 from tatitok_fast.ops import reference_mode
-from tests.helpers import REPO, synthetic_weight
+from tests.helpers import HAS_CUDA, REPO, assert_same_init, synthetic_weight
 from tests.models.official_losses import import_official
 
 SHARED = next((p for p in (REPO.parent / "shared", REPO / "shared") if (p / "reference").is_dir()),
@@ -208,6 +208,69 @@ def test_generate_philox_mode(pair):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert a.shape == (4, 16) and int(a.min()) >= 0 and int(a.max()) < ours.target_codebook_size
+
+
+def test_generate_bf16_runs_the_same_loop(pair):
+    """bf16 weights: the same loop runs (bf16 logits, the op upcasts) and gives valid ids;
+    the bf16 logits are within bf16 rounding of the fp32 ones."""
+    ours, _ = pair
+    cond = torch.tensor([0, 4, 9, 2])
+    kw = dict(guidance_decay="constant", guidance_scale=3.0, randomize_temperature=0.0)
+    torch.manual_seed(0)
+    want = ours.generate(cond, **kw)
+    low = copy.deepcopy(ours).to(torch.bfloat16)
+    torch.manual_seed(0)
+    got = low.generate(cond, **kw)
+    assert got.shape == want.shape and int(got.max()) < ours.target_codebook_size and int(got.min()) >= 0
+    ids = torch.randint(0, 65, (2, 16))
+    with torch.no_grad():
+        assert rel(low(ids, cond[:2], cond_drop_prob=0.0), ours(ids, cond[:2], cond_drop_prob=0.0)) < 3e-2
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_generate_cuda_graph_matches_eager(pair):
+    """On CUDA: the captured loop (philox noise) replays the eager loop's ids for one seed, and
+    the official RNG mode still gives the official ids."""
+    ours, ref = pair
+    ours, ref = copy.deepcopy(ours).cuda(), copy.deepcopy(ref).cuda()
+    cond = torch.tensor([0, 4, 9, 2], device="cuda")
+    kw = dict(guidance_decay="power-cosine", guidance_scale=6.9, randomize_temperature=2.8,
+              softmax_temperature_annealing=True, num_sample_steps=12)
+    torch.manual_seed(3)
+    eager = ours.generate(cond, noise="philox", use_cuda_graph=False, **kw)
+    for _ in range(2):  # capture, then replay
+        torch.manual_seed(3)
+        assert torch.equal(ours.generate(cond, noise="philox", use_cuda_graph=True, **kw), eager)
+    torch.manual_seed(3)
+    want = ref.generate(cond.clone(), **kw)
+    torch.manual_seed(3)
+    assert torch.equal(ours.generate(cond, **kw), want)
+
+
+# ---------------------------------------------------------------------------------------
+# Init and training masks
+
+@pytest.mark.parametrize("model_type", ["ViT", "UViT"])
+def test_init_matches_official(official, model_type):
+    cfg = small_config(model_type, 4)
+    ours_cls, off_cls = (ImageBert, official.ImageBert) if model_type == "ViT" else (UViTBert, official.UViTBert)
+    torch.manual_seed(0)
+    ours = ours_cls(cfg).state_dict()
+    torch.manual_seed(1)
+    assert_same_init(ours, off_cls(copy.deepcopy(cfg)).state_dict())
+
+
+def test_masking_input_tokens_matches_official(pair):
+    ours, ref = pair
+    tokens = torch.randint(0, 64, (6, 16))
+    torch.manual_seed(4)
+    want_ids, want_masks = ref.masking_input_tokens(tokens)
+    torch.manual_seed(4)
+    got_ids, got_masks = ours.masking_input_tokens(tokens)
+    assert torch.equal(got_masks, want_masks) and torch.equal(got_ids, want_ids)
+    assert bool(got_masks.any(dim=1).all())
+    with pytest.raises(ValueError, match=r"input_tokens: ids must be in \[0, K\)"):
+        ours.masking_input_tokens(tokens + 64)
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch.nn as nn
 from tatitok_fast import ops
 from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.generators.graph_runner import _GraphRunner, _use_graph, graph_key
-from tatitok_fast.models.generators.maskgen_schedules import _check_sampling_args
+from tatitok_fast.models.generators.maskgen_schedules import _check_sampling_args, get_masking_ratio
 from tatitok_fast.models.generators.maskgit_blocks import BertCore, UViTBlock
 from tatitok_fast.models.nn.layers import Linear
 from tatitok_fast.models.nn.pretrained import PretrainedModel
@@ -174,6 +174,22 @@ class ImageBert(PretrainedModel):
         drop = torch.rand(condition.shape, device=condition.device, generator=generator) < cond_drop_prob
         tokens = torch.cat([self.class_tokens(condition, drop)[:, None], input_ids], dim=1)
         return self.token_logits(tokens)
+
+    # ---- training ----
+    def masking_input_tokens(self, input_tokens: torch.Tensor, generator: torch.Generator | None = None):
+        """(B, N) ids -> (ids with masked positions set to mask_token_id, masks (B, N) bool), the
+        official draws in their order (maskgit.py:195-206): t ~ U(0, 1) per sample, ratio =
+        arccos(t) / (pi / 2) clamped to [1e-6, 1], round(N * ratio) >= 1 positions masked, chosen
+        by an argsort of U(0, 1) noise."""
+        input_tokens = self._check_ids("input_tokens", input_tokens, self.target_codebook_size - 1, "[0, K)")
+        b, n = input_tokens.shape
+        dev = input_tokens.device
+        t = torch.rand(b, device=dev, generator=generator)
+        ratio = get_masking_ratio(t, "arccos").clamp(min=1e-6, max=1.0)
+        num_masked = (n * ratio).round().clamp(min=1)
+        rank = torch.rand(b, n, device=dev, generator=generator).argsort(dim=-1)
+        masks = rank < num_masked[:, None]
+        return torch.where(masks, self.mask_token_id, input_tokens), masks
 
     # ---- input checks (before any model work) ----
     def _device(self) -> torch.device:
