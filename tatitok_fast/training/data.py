@@ -12,7 +12,11 @@ counters); the checkpoint stores each worker's last one (rank-R.pt). A resumed r
 the streams and skips raw samples up to those positions before decoding anything (no image
 decode, no model), so it continues with exactly the batches it would have seen. Loader worker
 ids are rotated by the number of batches consumed, so the round-robin over workers resumes at
-the right one.
+the right one. A resume on another number of ranks re-splits the stream (reshard_position).
+
+Before a run builds anything, expand_shards checks that every local shard exists and
+check_first_samples decodes the first samples with the recipe's decode_sample (a DataError
+naming what does not fit); remote shards are opened only when read.
 
 Splits:
 - shard (default, scales): shard lists are assigned per (rank, worker); with resampling each

@@ -78,9 +78,9 @@ class Preemption:
 class NonFiniteGuard:
     """Device-side bookkeeping of non-finite steps (see the module doc)."""
 
-    def __init__(self, policy: str, device: torch.device):
+    def __init__(self, policy: str, device: torch.device, count: int = 0):
         self.policy, self.device = policy, device
-        self.count = torch.zeros((), dtype=torch.int64, device=device)  # bad steps so far
+        self.count = torch.tensor(count, dtype=torch.int64, device=device)  # bad steps so far (resumed runs too)
         self.first = torch.full((), -1, dtype=torch.int64, device=device)  # first bad step (1-based), -1: none
         self.terms: dict[str, torch.Tensor] = {}  # logged name -> "was non-finite at some step"
 

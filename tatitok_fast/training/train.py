@@ -79,17 +79,18 @@ class Trainer:
         # resume, then the data stream from where the checkpoint left it
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", world, cfg.checkpoint.keep_latest_k,
                                       cfg.checkpoint.allow_restart)
-        self.step, position = 0, None
+        self.step, position, skipped = 0, None, 0
         if cfg.checkpoint.enable:
             loaded = self.ckpt.load_latest(self.model, self.optimizer, self._parts(), self._aux_pair())
             if loaded is not None:
                 self.step, saved = loaded
                 position = self._resumed_position(saved)
+                skipped = max(int(s.get("skipped_steps", 0)) for s in saved)
                 if world.is_main:
                     print(f"resumed from {self.ckpt.path(self.step)}"
                           + (f" (saved on {len(saved)} ranks, now {world.world_size})"
                              if len(saved) != world.world_size else ""), file=sys.stderr)
-        self.guard = NonFiniteGuard(t.nonfinite, world.device)
+        self.guard = NonFiniteGuard(t.nonfinite, world.device, skipped)
         self.loader, self.position = data.build_loader(cfg, recipe, world.rank, world.world_size,
                                                        t.local_batch_size, position)
         global_batch = t.local_batch_size * t.grad_accum_steps * world.world_size
@@ -280,7 +281,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         with annotate("checkpoint"):
             return self.ckpt.save(self.step, self.model, self.optimizer, self._parts(), self._aux_pair(),
-                                  local={"data": self.position.state_dict()})
+                                  local={"data": self.position.state_dict(), "skipped_steps": int(self.guard.count)})
 
     def export(self) -> Path:
         """Official-layout weights (EMA when on) in <run>/export/step-N, loadable by from_pretrained."""

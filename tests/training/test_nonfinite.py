@@ -1,7 +1,8 @@
 """A NaN loss in the middle of a run (a test-only recipe hook: the tiny MaskGen's loss times NaN
 at one step, so its gradients are NaN too). `stop` ends the run with an error naming the step
 and the loss terms, detected at log time (no per-step host sync) and never saved; `skip`
-finishes, counts one skipped step, and leaves weights and optimizer state exactly as they were."""
+finishes, counts one skipped step (across a resume), and leaves weights and optimizer state
+exactly as they were."""
 from __future__ import annotations
 
 import json
@@ -71,8 +72,10 @@ def test_stop_names_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path
 
 def test_skip_counts_the_step_and_leaves_the_weights_untouched(shards, tmp_path, nan_at_step_3):
     run = tmp_path / "run"
-    assert main(argv(shards, "vq", run, "--training.steps", "6", "--checkpoint.interval", "1",
-                     "--checkpoint.keep_latest_k", "0", "--training.nonfinite", "skip")) == 0
+    common = ["--training.steps", "6", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "0",
+              "--training.nonfinite", "skip"]
+    assert main(argv(shards, "vq", run, *common, "--training.stop_after", "4")) == 0
+    assert main(argv(shards, "vq", run, *common)) == 0  # resumed: the count goes on
     logged = rows(run)
     assert [r["skipped_steps"] for r in logged] == [0, 0, 1, 1, 1, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged if r["step"] != BAD_STEP)
