@@ -209,3 +209,18 @@ def tiny_generator_config(mode: str = "vq", tokens: int = 16) -> dict:
         cfg["losses"] = {"diffloss_d": 2, "diffloss_w": 32, "num_sampling_steps": "10"}
     cfg["model"]["maskgen"] = mg
     return cfg
+
+
+def tiny_titok_config(mode: str = "vq", tokens: int = 8, crop: int = 32, two_stage: bool = False) -> dict:
+    """A tiny-ViT TiTok (no text path) on crop x crop images: single-stage VQ (l2-normalised
+    codes) or VAE, or two-stage (is_legacy decoder + the full-size MaskGIT-VQGAN pixel decoder)."""
+    vq = {"vit_enc_model_size": "tiny", "vit_dec_model_size": "tiny", "vit_enc_patch_size": 16,
+          "vit_dec_patch_size": 16, "num_latent_tokens": tokens}
+    if two_stage:
+        vq.update(codebook_size=64, token_size=12, use_l2_norm=True, commitment_cost=0.25, finetune_decoder=True)
+    elif mode == "vq":
+        vq.update(codebook_size=64, token_size=8, use_l2_norm=True, commitment_cost=0.25, finetune_decoder=False,
+                  is_legacy=False)
+    else:
+        vq.update(quantize_mode="vae", token_size=4, finetune_decoder=False, is_legacy=False)
+    return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": crop}}}

@@ -248,3 +248,60 @@ def test_from_pretrained_resolves_interpolations(official, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(CheckpointError, match=r"model\.generator\.image_seq_len.*no_such_key"):
         TiTok.from_pretrained(tmp_path)
+
+
+def test_stage1_legacy_decoder_gives_vqgan_logits_like_official(official):
+    """Stage 1 of the two-stage recipe (finetune_decoder=False, is_legacy=True): the decoder's
+    output is the 1024-way logits over the MaskGIT-VQGAN codes, trained against proxy codes."""
+    config = small_config("vq")
+    config["model"]["vq_model"].update(is_legacy=True, use_l2_norm=True, token_size=12)
+    theirs = _perturbed_official(official, config, 11)
+    ours = TiTok(config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert not hasattr(ours, "pixel_decoder")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out_o, res_o = theirs(x)
+        out, res = ours(x)
+    assert torch.equal(res["min_encoding_indices"], res_o["min_encoding_indices"])
+    assert out.shape == (2, 1024, 2, 2) and _rel_err(out, out_o) <= 1e-5
+    assert res["quantizer_loss"].item() > 0  # trainable encoder: real losses
+    with pytest.raises(ValueError, match="stage-1 TiTok"):
+        ours.detokenize(res["min_encoding_indices"])
+
+
+def test_zoo_hub_ids_and_raw_files(layout):
+    """Each preset's Hub repo and raw fun-research/TiTok file, tokenizers and generators."""
+    from tatitok_fast import presets
+
+    for preset in TITOK_TOKENIZERS:
+        entry = layout[f"tokenizer_{preset}_imagenet"]
+        assert presets.hub_repo(preset) == entry["hub_repo"]
+        assert presets.TITOK_RAW_FILES[entry["fun_research_file"]] == (preset, "tokenizer")
+    for preset in presets.TITOK_GENERATORS:
+        entry = layout[f"generator_{preset}_imagenet"]
+        assert presets.hub_repo(preset, "generator") == entry["hub_repo"]
+        assert presets.titok_generator_config(preset) == entry["config"]
+        assert presets.titok_generator_class_name(entry["config"]) == entry["class"]
+        assert presets.TITOK_RAW_FILES[entry["fun_research_file"]] == (preset, "generator")
+    with pytest.raises(KeyError, match="without a released generator"):
+        presets.hub_repo("titok_bl64_vq8k", "generator")
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    from tatitok_fast.presets import tiny_titok_config
+
+    torch.manual_seed(0)
+    model = TiTok(tiny_titok_config("vq")).eval()
+    x = torch.rand(2, 3, 32, 32)
+
+    def roundtrip(x):
+        ids = model.encode(x)[1]["min_encoding_indices"]
+        return ids, model.decode_tokens(ids)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ids, img = roundtrip(x)
+        ids_c, img_c = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(ids_c, ids)
+    torch.testing.assert_close(img_c, img, rtol=1e-5, atol=1e-5)

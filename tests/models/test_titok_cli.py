@@ -14,17 +14,7 @@ from tatitok_fast import MaskGITVQGAN, TATiTok, TiTok
 from tatitok_fast.cli import main
 from tatitok_fast.images import load_images, to_pil
 from tatitok_fast.models.tokenizers.loading import tokenizer_class
-from tatitok_fast.presets import MASKGIT_VQGAN_FILE, TITOK_TOKENIZERS
-
-
-def tiny_titok_config(mode: str = "vq") -> dict:
-    vq = {"vit_enc_model_size": "tiny", "vit_dec_model_size": "tiny", "vit_enc_patch_size": 16,
-          "vit_dec_patch_size": 16, "num_latent_tokens": 8, "finetune_decoder": False, "is_legacy": False}
-    if mode == "vq":
-        vq.update(codebook_size=64, token_size=8, use_l2_norm=True, commitment_cost=0.25)
-    else:
-        vq.update(quantize_mode="vae", token_size=4)
-    return {"model": {"vq_model": vq}, "dataset": {"preprocessing": {"crop_size": 32}}}
+from tatitok_fast.presets import MASKGIT_VQGAN_FILE, TITOK_TOKENIZERS, tiny_titok_config
 
 
 @pytest.fixture(scope="module")

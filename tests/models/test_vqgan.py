@@ -82,11 +82,11 @@ def test_two_stage_pixel_modules_are_these(pair):
     """TiTok's pixel_decoder / pixel_quantize are the VQGAN's decoder / quantize (same classes
     and keys), so a TiTok state dict embeds the VQGAN's as in utils/train_utils.py."""
     from tatitok_fast import TiTok
-    from tests.models.test_titok import small_config
+    from tatitok_fast.presets import tiny_titok_config
 
     ours, _ = pair
     with torch.device("meta"):
-        titok = TiTok(small_config(two_stage=True))
+        titok = TiTok(tiny_titok_config(two_stage=True))
     assert type(titok.pixel_decoder) is type(ours.decoder) and type(titok.pixel_quantize) is type(ours.quantize)
     want = {f"pixel_decoder.{k}": tuple(v.shape) for k, v in ours.decoder.state_dict().items()}
     want.update({f"pixel_quantize.{k}": tuple(v.shape) for k, v in ours.quantize.state_dict().items()})
