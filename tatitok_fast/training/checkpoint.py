@@ -352,7 +352,24 @@ def check_compatible(state: dict, metadata: Metadata, path: Path) -> None:
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) model state dict on the CPU, on every rank (for export)."""
+    """The whole (unsharded) model state dict on the CPU, on every rank (for export): copies,
+    never the model's own tensors. (On the CPU, one process or DDP, get_model_state_dict
+    returns the live parameters themselves: a later in-place write, such as EMA.swap()
+    restoring the live weights, would change what was taken.)"""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    own = {_storage(t) for t in (*model.parameters(), *model.buffers())}
+    copies: dict[int, torch.Tensor] = {}  # one copy per tensor: tied weights stay tied
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and _storage(v) in own:
+            if id(v) not in copies:
+                copies[id(v)] = v.detach().clone()
+            sd[k] = copies[id(v)]
+    return sd
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of t's storage (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.untyped_storage().data_ptr()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import os
 import random
 import tarfile
@@ -213,20 +214,30 @@ class ShardStream(IterableDataset):
                 shards_without_sample = 0
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """A shuffle buffer as webdataset's: the first sample is drawn after shuffle_initial
+        reads; then each draw is followed by two reads instead of one until the buffer holds
+        shuffle_buffer, so it grows while it yields. Draws come from `rng` only: the order is
+        a pure function of the seed (what exact resume relies on)."""
         if self.shuffle_buffer <= 1:
             yield from samples
             return
+        samples = iter(samples)
         buf: list[dict] = []
+
+        def draw() -> dict:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            return buf.pop()
+
         for s in samples:
             buf.append(s)
             if len(buf) < self.shuffle_initial:
                 continue
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+            yield draw()
+            if len(buf) + 1 < self.shuffle_buffer:  # growing: one extra read (the loop's makes it full)
+                buf.extend(itertools.islice(samples, 1))
+        while buf:
+            yield draw()
 
     def __iter__(self) -> Iterator[dict]:
         worker = self._worker()

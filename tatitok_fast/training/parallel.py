@@ -108,6 +108,9 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], cfg, world: World, mi
         for block in blocks:
             fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
         fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        for m in model.modules():  # their forwards would write into the discarded all-gather copy
+            if hasattr(m, "apply_deferred_updates"):
+                m.defer_updates = True
         return model
     model.to(world.device)
     if mode == "ddp":
@@ -116,6 +119,17 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], cfg, world: World, mi
         return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
                                        find_unused_parameters=False)
     return model
+
+
+def apply_deferred_updates(model: nn.Module) -> None:
+    """After each backward: the in-place parameter updates that modules computed in forward
+    (clustering VQ's codebook refresh) applied to the sharded FSDP2 parameters. Under FSDP2
+    (parallelize sets `defer_updates` on every module with `apply_deferred_updates`) a
+    forward sees the unsharded all-gather copy, which is thrown away at reshard; one
+    process and DDP write into the parameters themselves and leave nothing pending."""
+    for m in model.modules():
+        if getattr(m, "defer_updates", False):
+            m.apply_deferred_updates()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

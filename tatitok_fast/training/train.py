@@ -159,6 +159,7 @@ class Trainer:
                     out = self.recipe.forward_loss(self.model, batch, self.step)
                 with annotate("backward"):
                     (out.loss / accum).backward()
+            parallel.apply_deferred_updates(self.inner)  # FSDP2: the codebook refresh, into the shards
             for k, v in {"loss": out.loss, **out.metrics}.items():
                 logged[k] = logged.get(k, 0) + torch.as_tensor(v).detach().float() / accum
             kept.append((batch, out.extras))

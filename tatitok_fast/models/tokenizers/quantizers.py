@@ -27,6 +27,12 @@ class VectorQuantizer(nn.Module):
         if clustering_vq:
             self.decay = 0.99
             self.register_buffer("embed_prob", torch.zeros(codebook_size))
+        # Under FSDP2 a forward sees the unsharded all-gather copy of the codebook, which is
+        # thrown away at reshard: the training engine sets defer_updates, the refresh is kept
+        # in _pending and apply_deferred_updates() writes it into the sharded parameter
+        # (after backward, before the optimizer step: the official order).
+        self.defer_updates = False
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nearest(self, flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         if ops.use_fused("vq_nearest_code", flat.device):
@@ -72,7 +78,29 @@ class VectorQuantizer(nn.Module):
         # nearest feature of every code: the same fused search with the roles swapped
         closest = self.nearest(self.embedding.weight.float(), all_feat)  # (K,)
         decay = torch.exp(-(self.embed_prob * self.codebook_size * 10) / (1 - self.decay) - 1e-3).unsqueeze(1)
-        self.embedding.weight.data.mul_(1 - decay).add_(all_feat[closest] * decay)
+        if self.defer_updates:
+            self._pending = (all_feat[closest], decay)  # (K, C), (K, 1): the same on every rank
+        else:
+            self.embedding.weight.data.mul_(1 - decay).add_(all_feat[closest] * decay)
+
+    @torch.no_grad()
+    def apply_deferred_updates(self) -> None:
+        """The pending codebook refresh, applied to the (sharded) parameter: each rank blends
+        its own rows, from the (K, C) targets every rank computed alike."""
+        if self._pending is None:
+            return
+        target, decay = self._pending
+        self._pending = None
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        weight = self.embedding.weight
+        if isinstance(weight, DTensor):  # an FSDP2 shard: the rows this rank holds
+            def local(t):
+                return distribute_tensor(t.to(weight.dtype), weight.device_mesh, weight.placements,
+                                         src_data_rank=None).to_local()  # no communication
+
+            target, decay, weight = local(target), local(decay.expand_as(target).contiguous()), weight.to_local()
+        weight.mul_(1 - decay).add_(target * decay)
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:

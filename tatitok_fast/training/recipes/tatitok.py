@@ -67,6 +67,7 @@ class TATiTokRecipe(Recipe):
 
         model = common.build(TATiTok, common.model_config(self.cfg.model, "tokenizer"), self.cfg)
         self.mode, self.crop = model.quantize_mode, self.cfg.data.crop_size or model.image_size
+        self.codebook_size = model.codebook_size  # kept: forward_loss gets the DDP wrapper, not the model
         if self.crop != model.image_size:
             raise ConfigError(f"data.crop_size: {self.crop} differs from the model's crop_size {model.image_size}")
         return model.train()
@@ -113,7 +114,7 @@ class TATiTokRecipe(Recipe):
         logs = {k: v for k, v in logs.items() if k != "total_loss"}
         if self.mode == "vq" and isinstance(extra, dict) and "min_encoding_indices" in extra:
             ids = extra["min_encoding_indices"].reshape(-1)
-            logs["codebook_usage"] = torch.unique(ids).numel() / model.codebook_size
+            logs["codebook_usage"] = torch.unique(ids).numel() / self.codebook_size
         return StepOutput(loss, logs, {"recon": recon.detach().float()})
 
     def aux_loss(self, loss_module: nn.Module, batch: dict, extras: dict, step: int) -> StepOutput | None:
