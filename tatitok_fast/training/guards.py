@@ -87,13 +87,13 @@ class NonFiniteGuard:
     def flag(self, logged: dict[str, torch.Tensor], grad_norm: torch.Tensor | None) -> torch.Tensor:
         """A bool tensor: this step's loss (or grad norm) is NaN/Inf; records which terms were."""
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        for k, v in logged.items():
-            nonfinite = ~torch.isfinite(v.to(self.device)).all()
+        for k, v in logged.items():  # each on its own device: a CPU value joins as a scalar, no copy, no sync
+            nonfinite = ~torch.isfinite(v).all()
             self.terms[k] = self.terms.get(k, torch.zeros_like(nonfinite)) | nonfinite
             if k == "loss" or k == "aux_loss":
                 bad = bad | nonfinite
         if grad_norm is not None:
-            nonfinite = ~torch.isfinite(grad_norm.to(self.device))
+            nonfinite = ~torch.isfinite(grad_norm)
             self.terms["grad_norm"] = self.terms.get("grad_norm", torch.zeros_like(nonfinite)) | nonfinite
             bad = bad | nonfinite
         return bad
