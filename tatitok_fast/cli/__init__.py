@@ -17,6 +17,7 @@ SUBCOMMANDS: list[str] = [
     "tokenize_images",
     "train",
     "generate",
+    "sample_imagenet",
     "eval",
     "bench",
     "demo",

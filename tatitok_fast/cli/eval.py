@@ -7,6 +7,9 @@ write the metrics as JSON and a grid PNG.
   tatitok-fast eval generate --prompts-file F --generator G --tokenizer T [--reference-images DIR]
       -o OUT.json: FID against reference images (e.g. MJHQ-30K), Inception Score, CLIP score,
       images/s.
+  tatitok-fast eval fid --samples X.npz --ref VIRTUAL_imagenet256_labeled.npz [-o OUT.json]
+      the ADM evaluator's numbers for a sample batch (sample-imagenet's .npz): FID, sFID,
+      Inception Score, precision, recall (evaluation/fid.py says how each is computed).
 
 Offline: --inception-weights PATH (or $TATITOK_FAST_INCEPTION_WEIGHTS, or the file in the
 torch hub cache) and --clip-score-pretrained PATH give local weights; 'random' builds
@@ -19,6 +22,7 @@ import json
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_sampling_arguments,
@@ -60,6 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_arguments(g)
     _add_common(g)
     g.set_defaults(func=run_command(eval_generate))
+
+    f = sub.add_parser("fid", help="FID, sFID, IS, precision/recall of a sample .npz against an ADM reference batch",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--samples", required=True, help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
+    f.add_argument("--ref", required=True, help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz): arr_0 "
+                   "images and/or precomputed mu/sigma[/mu_s/sigma_s]")
+    f.add_argument("-o", "--output", default=None, help="also write the metrics as JSON here")
+    f.add_argument("--inception-weights", default=None, help="InceptionV3 FID weights file, or 'random' (default: "
+                   "$TATITOK_FAST_INCEPTION_WEIGHTS, the torch hub cache, else a download)")
+    f.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64)")
+    f.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    f.add_argument("--local-files-only", action="store_true", help="never download the Inception weights")
+    f.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    f.set_defaults(func=eval_fid, dtype=None)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -278,4 +296,69 @@ def eval_generate(args: argparse.Namespace) -> int:
                             "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size},
                "metrics": result, **_meta(args, device, dtype, features)}
     _write(out, grid, metrics, samples, min(8, len(samples)) if samples is not None else 8)
+    return 0
+
+
+# ---- fid (ADM sample batches) --------------------------------------------------------------
+
+def _check_npz(path: str, flag: str, need_images: bool) -> None:
+    from tatitok_fast.evaluation.npz import NpzArray, npz_keys
+
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"{flag} {path}: no such file")
+    try:
+        keys = npz_keys(p)
+    except ValueError as exc:
+        raise CommandError(f"{flag}: {exc}") from None
+    if need_images and "arr_0" not in keys:
+        raise CommandError(f"{flag} {path}: expected an 'arr_0' array of images, found {keys}")
+    if not need_images and "arr_0" not in keys and "mu" not in keys:
+        raise CommandError(f"{flag} {path}: expected 'arr_0' images and/or precomputed 'mu'/'sigma', found {keys}")
+    if "arr_0" in keys:
+        try:
+            with NpzArray(p, "arr_0") as arr:
+                shape, dtype = arr.shape, arr.dtype
+        except ValueError as exc:
+            raise CommandError(f"{flag}: {exc}") from None
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] < 2:
+            raise CommandError(f"{flag} {path}: arr_0 must hold >= 2 uint8 N x H x W x 3 images, got {dtype} {shape}")
+
+
+def eval_fid(args: argparse.Namespace) -> int:
+    """User errors raise CommandError (`error: ...`, exit 2), all checked before the network loads."""
+    from tatitok_fast.evaluation.fid import evaluate_sample_batch
+
+    _check_npz(args.samples, "--samples", need_images=True)
+    _check_npz(args.ref, "--ref", need_images=False)
+    _positive(args.batch_size, "--batch-size")
+    out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir():
+        raise CommandError(f"-o {out}: is a folder; expected the path of the metrics JSON file")
+    device, _ = runtime(args)
+    from tatitok_fast.evaluation.inception import InceptionFeatures
+    from tatitok_fast.weight_files import WeightsFileError
+
+    try:
+        features = InceptionFeatures(args.inception_weights, device=device, download=not args.local_files_only)
+    except (WeightsFileError, ValueError, ImportError) as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        result = evaluate_sample_batch(args.samples, args.ref, features, batch_size=args.batch_size,
+                                       progress=args.progress)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    metrics = {"command": "eval fid", "samples": args.samples, "ref": args.ref, "metrics": result,
+               **_meta(args, device, torch.float32, features)}
+    names = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision",
+             "recall": "Recall"}
+    for key, name in names.items():
+        value = result.get(key)
+        print(f"{name}: {'n/a' if value is None else f'{value:.4f}'}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
