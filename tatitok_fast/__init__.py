@@ -9,7 +9,8 @@ from tatitok_fast.models.generators.maskgit import ImageBert, UViTBert
 from tatitok_fast.models.tokenizers.tatitok import TATiTok
 from tatitok_fast.models.tokenizers.titok import TiTok
 from tatitok_fast.models.tokenizers.vqgan import MaskGITVQGAN, PretrainedTokenizer
-from tatitok_fast.pipeline import TextToImage, check_compatible
+from tatitok_fast.pipeline import ClassToImage, TextToImage, check_compatible
 
-__all__ = ["TATiTok", "TiTok", "MaskGITVQGAN", "PretrainedTokenizer", "MaskGen_VQ", "MaskGen_KL", "ImageBert", "UViTBert", "TextToImage", "check_compatible"]
+__all__ = ["TATiTok", "TiTok", "MaskGITVQGAN", "PretrainedTokenizer", "MaskGen_VQ", "MaskGen_KL", "ImageBert", "UViTBert", "TextToImage",
+           "ClassToImage", "check_compatible"]
 __version__ = "0.1.0"
