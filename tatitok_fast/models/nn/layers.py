@@ -40,26 +40,55 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
         return False
 
 
+def _cpu_low_precision(x: torch.Tensor) -> tuple[torch.dtype | None, bool]:
+    """(dtype, by_autocast): the bf16/fp16 dtype an op on CPU tensor `x` would compute in
+    here without matrix units for it (None: compute as asked) — x's own dtype, or, for an fp32
+    x, the dtype torch.autocast("cpu") would cast it to (by_autocast True)."""
+    if x.device.type != "cpu":
+        return None, False
+    dtype, by_autocast = x.dtype, False
+    if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype, by_autocast = torch.get_autocast_dtype("cpu"), True
+    if dtype in _LOW_PRECISION and not _cpu_has_native(dtype):
+        return dtype, by_autocast
+    return None, False
+
+
 def cpu_upcasts(x: torch.Tensor) -> bool:
-    """True when `x` is a bf16/fp16 CPU tensor whose matmuls should run in fp32 here."""
-    return x.dtype in _LOW_PRECISION and x.device.type == "cpu" and not _cpu_has_native(x.dtype)
+    """True when matmuls on `x` (a bf16/fp16 CPU tensor, or an fp32 one under a bf16/fp16
+    CPU autocast) should run in fp32 here."""
+    return _cpu_low_precision(x)[0] is not None
+
+
+def _upcast(dtype: torch.dtype, by_autocast: bool):
+    """Inputs -> fp32. Under autocast they are first rounded to its dtype, as autocast would
+    round them: the numbers of the native low-precision kernel (fp32 accumulation)."""
+    if by_autocast:
+        return lambda t: None if t is None else t.to(dtype).float()
+    return lambda t: None if t is None else t.float()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed in fp32 for low-precision CPU inputs where the CPU lacks
-    bf16/fp16 matrix units (output in x's dtype either way). x (..., in) -> (..., out)."""
-    if cpu_upcasts(x):
-        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return out.to(x.dtype)
+    """F.linear, computed in fp32 for low-precision CPU inputs (or under a low-precision CPU
+    autocast) where the CPU lacks bf16/fp16 matrix units; the output in the low-precision
+    dtype either way. Autocast is off around the fp32 call, or it would cast the inputs back
+    and run the slow kernel. x (..., in) -> (..., out)."""
+    dtype, by_autocast = _cpu_low_precision(x)
+    if dtype is not None:
+        up = _upcast(dtype, by_autocast)
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(up(x), up(weight), up(bias)).to(dtype)
     return F.linear(x, weight, bias)
 
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(x), computed in fp32 for low-precision CPU inputs where the CPU lacks bf16/fp16
-    units (oneDNN's bf16 3x3 conv on 3 channels: 8x the fp32 time on AVX2)."""
-    if cpu_upcasts(x):
-        bias = None if conv.bias is None else conv.bias.float()
-        return conv._conv_forward(x.float(), conv.weight.float(), bias).to(x.dtype)
+    """conv(x), computed in fp32 for low-precision CPU inputs (or autocast) where the CPU
+    lacks bf16/fp16 units (oneDNN's bf16 3x3 conv on 3 channels: 8x the fp32 time on AVX2)."""
+    dtype, by_autocast = _cpu_low_precision(x)
+    if dtype is not None:
+        up = _upcast(dtype, by_autocast)
+        with torch.autocast("cpu", enabled=False):
+            return conv._conv_forward(up(x), up(conv.weight), up(conv.bias)).to(dtype)
     return conv(x)
 
 
@@ -120,8 +149,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
             and dh <= 256 and not torch.jit.is_scripting()):
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, L, H, Dh)
         return out.reshape(b, lq, h * dh)
-    if cpu_upcasts(q):  # fp32 SDPA: the low-precision CPU kernel runs its GEMMs in the slow fallback
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    dtype, by_autocast = _cpu_low_precision(q)
+    if dtype is not None:  # fp32 SDPA: the low-precision CPU kernel runs its GEMMs in the slow fallback
+        up = _upcast(dtype, by_autocast)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(up(q), up(k), up(v)).to(dtype)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, lq, h * dh)
