@@ -264,6 +264,13 @@ class CheckpointManager:
                 self.path(s).rename(self.path(s).with_name(f"step-{s}.unloadable"))
         barrier(self.world)
 
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.world.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.world.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     def _verify(self, path: Path) -> None:
         for line in (path / COMPLETE).read_text().splitlines():
             name, size = line.rsplit(" ", 1)
@@ -278,11 +285,17 @@ class CheckpointManager:
         files = {int(f.stem.split("-", 1)[1]): f for f in path.glob("rank-*.pt")}
         if sorted(files) != list(range(len(files))) or not files:
             raise _Corrupt(f"rank files {sorted(files)} are not ranks 0..N-1")
-        if len(files) == self.world.world_size:
-            own = load_local_file(files[self.world.rank])
-            locals_ = [own if r == self.world.rank else {} for r in range(len(files))]
-        else:  # world size changed: every rank reads all (small) local files
-            locals_ = [load_local_file(files[r]) for r in range(len(files))]
+        refused = None
+        try:
+            if len(files) == self.world.world_size:
+                own = load_local_file(files[self.world.rank])
+                locals_ = [own if r == self.world.rank else {} for r in range(len(files))]
+            else:  # world size changed: every rank reads all (small) local files
+                locals_ = [load_local_file(files[r]) for r in range(len(files))]
+        except ResumeError as exc:
+            refused = exc
+        if self._any_rank(refused is not None):  # all ranks stop together, none waits in dcp.load
+            raise refused or ResumeError(f"{path}: another rank refused its rank file (its error names it)")
         reader = _SafeReader(str(path))
         state = self._state(model, optimizer, parts, aux)
         state["step"] = -1

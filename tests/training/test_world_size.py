@@ -51,3 +51,21 @@ def test_two_ranks_resume_on_one_and_on_three(shards, tmp_path):
     assert torch.isfinite(resumed).all()
     torch.testing.assert_close(resumed, torch.tensor(losses(ref)[2:]), rtol=0.05, atol=0.0)
     assert (three / "checkpoints" / "step-4" / "rank-2.pt").is_file()  # saved on the new world size
+
+
+def test_a_rank_file_refused_on_one_rank_stops_every_rank(shards, tmp_path):
+    """Only rank 1's file is hostile: both ranks stop with the error (none waits in dcp.load)."""
+    from tests.training.test_checkpoint_safety import Payload, rewrite_manifest
+
+    run = tmp_path / "run"
+    common = argv(shards, "vq", run, *DIST_COMMON, "--training.local_batch_size", "4", "--parallelism.mode", "ddp",
+                  "--checkpoint.interval", "1")
+    launch(2, common + ["--training.stop_after", "1"])
+    step = run / "checkpoints" / "step-1"
+    marker = tmp_path / "code-ran"
+    torch.save({"rng": Payload(marker)}, step / "rank-1.pt")
+    rewrite_manifest(step)
+    with pytest.raises(Exception, match="rank-1.pt: refused|another rank refused its rank file"):
+        launch(2, common)
+    assert not marker.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
