@@ -380,3 +380,27 @@ def test_preset_name_means_the_generator_repo():
     """A TiTok preset name is its generator's Hub repo (offline here: the error names it)."""
     with pytest.raises(Exception, match="yucornetto/generator_titok_l32_imagenet"):
         ImageBert.from_pretrained("titok_l32", local_files_only=True)
+
+
+@pytest.mark.parametrize("model_type", ["ViT", "UViT"])
+def test_training_forward(model_type):
+    """Training mode: the config's dropout applies (BERT: hidden and attention; the official
+    U-ViT has none); gradients reach every parameter."""
+    cls = ImageBert if model_type == "ViT" else UViTBert
+    ids, cond = torch.randint(0, 65, (2, 16)), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    m = cls(small_config(model_type, 2))
+    m.load_state_dict(random_weights(m.state_dict()))
+    with torch.no_grad():
+        want = m.eval()(ids, cond, cond_drop_prob=0.0)
+        got = m.train()(ids, cond, cond_drop_prob=0.0)
+    assert torch.equal(got, want) == (model_type == "UViT")
+    cfg = small_config(model_type, 2)
+    cfg["model"]["generator"].update(dropout=0.0, attn_drop=0.0)
+    m0 = cls(cfg)
+    m0.load_state_dict(m.state_dict())
+    m0.train()
+    out = m0(ids, cond, cond_drop_prob=0.0)
+    assert rel(out.detach(), want) < 1e-6
+    out.square().mean().backward()
+    assert [n for n, p in m0.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []

@@ -140,7 +140,7 @@ class ImageBert(PretrainedModel):
     def build(self, gen: Mapping[str, Any]) -> None:
         self.model = BertCore(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
                               self.intermediate_size, self.image_seq_len + 1, self.target_codebook_size,
-                              dropout=gen.get("dropout", 0.1))
+                              dropout=gen.get("dropout", 0.1), attn_drop=gen.get("attn_drop", 0.1))
 
     def initialize_weights(self) -> None:
         """HF BertPreTrainedModel._init_weights (initializer_range 0.02), as the official post_init."""

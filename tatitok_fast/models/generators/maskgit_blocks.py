@@ -54,19 +54,24 @@ class BertEmbeddings(nn.Module):
 
 class BertSelfAttention(nn.Module):
     """HF's `attention.self` with one fused projection `qkv` (weight (3D, D) = [query; key;
-    value]). The state dict shows query/key/value, as HF's."""
+    value]). The state dict shows query/key/value, as HF's. attn_drop: dropout on the attention
+    probabilities, in training mode only (SDPA's dropout_p)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, attn_drop: float = 0.0):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
         self.heads = heads
+        self.attn_drop = attn_drop
         self.qkv = Linear(hidden, 3 * hidden)
         self.register_state_dict_post_hook(_split_qkv_on_save)
         self.register_load_state_dict_pre_hook(_fuse_qkv_on_load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D), before the output dense
-        return attention(*_split_heads(self.qkv(x), self.heads))
+        q, k, v = _split_heads(self.qkv(x), self.heads)
+        if self.training and self.attn_drop > 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop).transpose(1, 2).flatten(2)
+        return attention(q, k, v)
 
 
 def _split_qkv_on_save(module, state_dict, prefix, local_metadata):
@@ -99,9 +104,9 @@ class _DenseLayerNorm(nn.Module):
 
 
 class _BertAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, eps: float, dropout: float):
+    def __init__(self, hidden: int, heads: int, eps: float, dropout: float, attn_drop: float):
         super().__init__()
-        self.self = BertSelfAttention(hidden, heads)
+        self.self = BertSelfAttention(hidden, heads, attn_drop)
         self.output = _DenseLayerNorm(hidden, hidden, eps, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,12 +123,11 @@ class _Intermediate(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """One post-LN BERT layer (HF BertLayer names). Attention-probability dropout is not
-    applied (the SDPA path has none); hidden dropout is, in training mode."""
+    """One post-LN BERT layer (HF BertLayer names); hidden and attention dropout in training mode."""
 
-    def __init__(self, hidden: int, heads: int, ffn: int, eps: float, dropout: float):
+    def __init__(self, hidden: int, heads: int, ffn: int, eps: float, dropout: float, attn_drop: float):
         super().__init__()
-        self.attention = _BertAttention(hidden, heads, eps, dropout)
+        self.attention = _BertAttention(hidden, heads, eps, dropout, attn_drop)
         self.intermediate = _Intermediate(hidden, ffn)
         self.output = _DenseLayerNorm(ffn, hidden, eps, dropout)
 
@@ -133,9 +137,9 @@ class BertLayer(nn.Module):
 
 
 class _BertEncoder(nn.Module):
-    def __init__(self, layers: int, hidden: int, heads: int, ffn: int, eps: float, dropout: float):
+    def __init__(self, layers: int, hidden: int, heads: int, ffn: int, eps: float, dropout: float, attn_drop: float):
         super().__init__()
-        self.layer = nn.ModuleList([BertLayer(hidden, heads, ffn, eps, dropout) for _ in range(layers)])
+        self.layer = nn.ModuleList([BertLayer(hidden, heads, ffn, eps, dropout, attn_drop) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layer:
@@ -149,10 +153,10 @@ class BertCore(nn.Module):
     forward: full ids (B, 1+N) -> hidden states (B, 1+N, D)."""
 
     def __init__(self, vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, max_positions: int,
-                 out_features: int, dropout: float, eps: float = 1e-12):
+                 out_features: int, dropout: float, attn_drop: float, eps: float = 1e-12):
         super().__init__()
         self.embeddings = BertEmbeddings(vocab_size, hidden, max_positions, eps, dropout)
-        self.encoder = _BertEncoder(layers, hidden, heads, ffn, eps, dropout)
+        self.encoder = _BertEncoder(layers, hidden, heads, ffn, eps, dropout, attn_drop)
         self.lm_head = Linear(hidden, out_features)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
