@@ -187,7 +187,8 @@ def test_single_stage_vq_matches_official(official):
     with torch.no_grad():
         z_o, res_o = theirs.encode(x)
         z, res = ours.encode(x)
-        dec_o, dec = theirs.decode_tokens(res_o["min_encoding_indices"]), ours.decode_tokens(res["min_encoding_indices"])
+        dec_o = theirs.decode_tokens(res_o["min_encoding_indices"])
+        dec = ours.decode_tokens(res["min_encoding_indices"])
     assert torch.equal(res["min_encoding_indices"], res_o["min_encoding_indices"])
     assert res["min_encoding_indices"].shape == (2, 1, 8)
     assert _rel_err(z, z_o) <= 1e-5

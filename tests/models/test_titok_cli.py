@@ -45,7 +45,8 @@ def test_tokenizer_class_for_every_kind_of_name(assets, vqgan_file):
         assert tokenizer_class(preset) is TiTok
         assert tokenizer_class(f"yucornetto/tokenizer_{preset}_imagenet") is TiTok
     assert tokenizer_class("tokenizer_titok_l32.bin") is TiTok  # the raw fun-research/TiTok file names
-    assert tokenizer_class("tatitok_bl32_vq") is TATiTok and tokenizer_class("turkeyju/tokenizer_tatitok_bl64_vae") is TATiTok
+    assert tokenizer_class("tatitok_bl32_vq") is TATiTok
+    assert tokenizer_class("turkeyju/tokenizer_tatitok_bl64_vae") is TATiTok
     for name in ("maskgit_vqgan", "fun-research/TiTok", str(vqgan_file), str(vqgan_file.parent)):
         assert tokenizer_class(name) is MaskGITVQGAN
     assert tokenizer_class(assets / "titok_vq") is TiTok  # a folder: no text_guidance_proj in its weights

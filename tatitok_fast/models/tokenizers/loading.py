@@ -26,7 +26,8 @@ def _is_vqgan(src: str) -> bool:
     path = Path(src).expanduser()
     if src in (presets.MASKGIT_VQGAN, presets.TITOK_RAW_WEIGHTS_REPO) or path.name == presets.MASKGIT_VQGAN_FILE:
         return True
-    return path.is_dir() and (path / presets.MASKGIT_VQGAN_FILE).is_file() and not (path / checkpoint.CONFIG_NAME).is_file()
+    return (path.is_dir() and (path / presets.MASKGIT_VQGAN_FILE).is_file()
+            and not (path / checkpoint.CONFIG_NAME).is_file())
 
 
 def tokenizer_class(name_or_path: str | os.PathLike, *, cache_dir: str | None = None, local_files_only: bool = False):

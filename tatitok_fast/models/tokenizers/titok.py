@@ -84,11 +84,11 @@ class TiTok(PretrainedModel):
         mode = vq.get("quantize_mode", "vq")
         if mode not in ("vq", "vae"):
             raise ValueError(f"config: model.vq_model.quantize_mode must be 'vq' or 'vae', got {mode!r}")
-        for key in _REQUIRED + (_REQUIRED_VQ if mode == "vq" else ()):
+        required = _REQUIRED + (_REQUIRED_VQ if mode == "vq" else ())
+        for key in required:
             if cfg_get(config, key, _MISSING) is _MISSING:
-                raise ValueError(f"config: missing required entry {key!r} (a TiTok config needs "
-                                 f"{', '.join(k.rsplit('.', 1)[1] for k in _REQUIRED)}"
-                                 + (", and for VQ codebook_size, commitment_cost, use_l2_norm)" if mode == "vq" else ")"))
+                raise ValueError(f"config: missing required entry {key!r} (a TiTok {mode.upper()} config needs "
+                                 f"{', '.join(k.rsplit('.', 1)[1] for k in required)})")
         for key in ("vit_enc_model_size", "vit_dec_model_size"):
             if vq[key] not in VIT_SIZES:
                 raise ValueError(f"config: model.vq_model.{key} must be one of {sorted(VIT_SIZES)}, got {vq[key]!r}")

@@ -187,7 +187,8 @@ class PixelQuantizer(nn.Module):
 
 
 def _check_codes(codes: torch.Tensor, num_codes: int) -> None:
-    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32) or codes.dim() not in (2, 3):
+    if (not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32)
+            or codes.dim() not in (2, 3)):
         raise ValueError(f"codes: expected integer ids (B, h*w) or (B, h, w), got "
                          f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}")
     if codes.dim() == 2 and math.isqrt(codes.shape[1]) ** 2 != codes.shape[1]:
