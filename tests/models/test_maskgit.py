@@ -148,6 +148,10 @@ def test_forward_matches_official(pair):
             want = ref(ids, cond.clone(), cond_drop_prob=p)
             got = ours(ids, cond, cond_drop_prob=p)
             assert rel(got, want) < 1e-5, p
+        torch.manual_seed(2)  # the label drop with 0 < p < 1 replays the official rand_like draw
+        want = ref(ids, cond.clone(), cond_drop_prob=0.5)
+        torch.manual_seed(2)
+        assert rel(ours(ids, cond, cond_drop_prob=0.5), want) < 1e-5
         with reference_mode():  # the textbook attention path too
             assert rel(ours(ids, cond, cond_drop_prob=0.0), ref(ids, cond.clone(), cond_drop_prob=0.0)) < 1e-5
 
