@@ -46,7 +46,7 @@ def _recipe_path(name: str, quick: bool) -> Path:
 class Step:
     """One recipe's model, loss and synthetic batch on a device, for timing."""
 
-    def __init__(self, path: Path, device: str, batch: int | None, quick: bool):
+    def __init__(self, path: Path, device: str, batch: int | None, quick: bool, loss: bool = True):
         from tatitok_fast.training.config import load_config
         from tatitok_fast.training.spec import recipe_class
 
@@ -63,10 +63,11 @@ class Step:
         self.recipe = recipe_class(cfg.job.recipe)(cfg, self.device)
         torch.manual_seed(0)
         self.model = self.recipe.build_model()
-        self.loss_module = self.recipe.build_loss()
+        self.loss_module = self.recipe.build_loss() if loss else None  # loss=False: model and batch only
         self.batch_size = cfg.training.local_batch_size
         self.batch = self._synthetic_batch()
         self.notes: list[str] = []
+        self.fp8_plans: dict = {}  # backend -> fp8.FP8Plan of its step (the converted-layer count)
 
     def _synthetic_batch(self) -> dict:
         g = torch.Generator().manual_seed(0)
@@ -97,9 +98,11 @@ class Step:
         if backend != "bf16":
             fp8_cfg = copy.deepcopy(self.cfg.fp8)
             fp8_cfg.backend, fp8_cfg.emulate = backend, self.device.type != "cuda"
-            n, ctx = fp8.apply_fp8(model, fp8_cfg, False, self.device)
-            self.notes.append(f"{self.device.type} {backend}: {n} projections in FP8"
-                              + (" (emulated: no FP8 hardware)" if fp8_cfg.emulate else ""))
+            if backend == "te":
+                model.to(self.device)  # te.Linear layers are made on the weights' (CUDA) device
+            plan = fp8.apply_fp8(model, fp8_cfg, False, self.device)
+            self.fp8_plans[backend], ctx = plan, plan.autocast
+            self.notes.append(f"{self.device.type} {plan.summary()}")  # the recipe says "emulated" off FP8 hardware
         model.to(self.device).train()
         aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
         if aux is not None:
@@ -154,10 +157,13 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
             fns.append(("official", "fp16 + GradScaler" if device == "cuda" else "autocast bf16",
                         case.official(args.official)))
         rows = []
-        for impl, variant, fn in fns:
+        for impl, dtype, fn in fns:
+            plan = case.fp8_plans.get(dtype) if impl == "tatitok_fast" else None
+            # the FP8 rows say how many projections ran in FP8 (and the recipe)
+            variant = f"{plan.converted} of {plan.total} layers FP8 ({plan.recipe})" if plan else dtype
             t = measure(fn, device=device, min_run_time=0.2 if args.quick else 3.0, memory=True, flush_l2=False)
             ips = case.batch_size / (t.median_ms * 1e-3)
-            rows.append(Measurement(suite="train", case="train step", impl=impl, device=device, dtype=variant,
+            rows.append(Measurement(suite="train", case="train step", impl=impl, device=device, dtype=dtype,
                                     shapes=shapes, median_ms=t.median_ms, iqr_ms=t.iqr_ms,
                                     peak_extra_mb=to_mib(t.peak_extra_bytes), variant=variant, items_per_s=ips,
                                     tflops=flops * ips / 1e12 if flops else None))

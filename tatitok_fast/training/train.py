@@ -57,7 +57,12 @@ class Trainer:
         self.mode = parallel.resolve_mode(cfg.parallelism.mode, world)
         if cfg.fp8.backend == "te":
             model.to(world.device)  # te.Linear layers are made on the weights' (CUDA) device
-        self.fp8_count, self.fp8_ctx = fp8.apply_fp8(model, cfg.fp8, self.mode == "fsdp", world.device)
+        self.fp8_plan = fp8.apply_fp8(model, cfg.fp8, self.mode == "fsdp", world.device)
+        self.fp8_count, self.fp8_ctx = self.fp8_plan.converted, self.fp8_plan.autocast
+        # "fp8: N of M projections converted (backend, recipe)"; fp8/layers in the first metrics row
+        self._first_row = {"fp8/layers": float(self.fp8_count)} if cfg.fp8.backend != "none" else {}
+        if world.is_main and self._first_row:
+            print(self.fp8_plan.summary(), file=sys.stderr)
         loss_module = recipe.build_loss()
         recipe.build_frozen()
         self.model = parallel.parallelize(model, recipe.blocks(model), cfg.parallelism, world, t.mixed_precision)
@@ -237,6 +242,8 @@ class Trainer:
                     # sums over ranks (integers; the mean went through float32)
                     values.update({k: float(round(values[k] * self.world.world_size)) for k in counts})
                     values["skipped_steps"] = float(skipped)
+                    values.update(self._first_row)
+                    self._first_row = {}
                     self.metrics.log(self.step, values)
                     window, n = {}, torch.zeros(())
                 if cfg.samples.interval and (self.step % cfg.samples.interval == 0 or last):
