@@ -15,6 +15,35 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 export TATITOK_FAST_TARGET=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16}
 export NVCC_THREADS=${NVCC_THREADS:-4}
 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+# issue 19's GPU-only checks first (short): FP8 steps that count their converted layers (TE
+# where it imports, torchao's real _scaled_mm at batch 6), CUDA-graph capture on the model's
+# device and the graph key's ops mode, the VQ kernels (tensor-core path vs its twin)
+python -m pytest -q -p no:cacheprovider -rs tests/training/test_fp8.py tests/models/test_graph_key_device.py \
+  tests/models/test_graph_runner.py tests/ops/test_vq_nearest_code.py tests/ops/test_vq_mma_ref.py \
+  tests/ops/test_fake_strides.py > "$OUT/issue19_tests.log" 2>&1; echo "issue19 tests rc=$?" >> "$OUT/issue19_tests.log"
+tail -8 "$OUT/issue19_tests.log"
+python - > "$OUT/issue19_fp8.log" 2>&1 <<'PY'
+# one bf16 + FP8 training step of the tiny MaskGen-VQ at batch 6 per backend, on the GPU
+import torch
+from pathlib import Path
+from tatitok_fast.benchmarks.train import Step
+from tatitok_fast.training import fp8
+from tatitok_fast.training.config import FP8
+for backend in ("torchao", "te"):
+    try:
+        step = Step(Path("training/recipes/maskgen_vq_tiny.toml"), "cuda", 6, quick=False, loss=False)
+        model = step.model.cuda()
+        plan = fp8.apply_fp8(model, FP8(backend=backend, min_features=step.cfg.fp8.min_features), False,
+                             torch.device("cuda"))
+        with torch.autocast("cuda", dtype=torch.bfloat16), plan.autocast():
+            loss = step.recipe.forward_loss(model, step.batch, 1).loss
+        loss.backward()
+        frozen = sum(not p.requires_grad for p in model.parameters())
+        print(f"{backend}: {plan.summary()}; loss {loss.item():.4f}; frozen params kept {frozen}")
+    except Exception as exc:  # TE not installed on the image: say so, keep going
+        print(f"{backend}: not run ({type(exc).__name__}: {exc})")
+PY
+cat "$OUT/issue19_fp8.log"
 python -m pytest -q tests/ops tests/models -x -p no:cacheprovider > "$OUT/tests.log" 2>&1; echo "tests rc=$?" >> "$OUT/tests.log"
 tail -5 "$OUT/tests.log"
 run() {  # name, then the bench arguments
