@@ -408,3 +408,35 @@ def test_training_forward(model_type):
     assert rel(out.detach(), want) < 1e-6
     out.square().mean().backward()
     assert [n for n, p in m0.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_graph_path_plumbing_on_cpu(pair, monkeypatch):
+    """The CUDA-graph branch of generate (static inputs, one capture per key, replay) with a
+    stand-in capture that, as the real one, undoes its warm-up's random draws: the replayed
+    ids equal the eager ones for one seed, and a second batch of classes reuses the capture."""
+    from tatitok_fast.models.generators import maskgit
+    from tatitok_fast.models.generators.graph_runner import CapturedLoop, _GraphRunner
+
+    captures = []
+
+    def capture(fn, static_in):
+        state = torch.get_rng_state()
+        fn(*static_in)  # warm-up
+        torch.set_rng_state(state)
+        out = fn(*static_in).clone()
+        torch.set_rng_state(state)
+        captures.append(1)
+        return CapturedLoop(lambda: out.copy_(fn(*static_in)), out, lambda: None)
+
+    ours = copy.deepcopy(pair[0])
+    kw = dict(guidance_decay="linear", guidance_scale=4.5, randomize_temperature=9.5, noise="philox")
+    for cond in (torch.tensor([0, 4, 9]), torch.tensor([5, 1, 2])):
+        torch.manual_seed(8)
+        eager = ours.generate(cond, **kw)
+        monkeypatch.setattr(maskgit, "_use_graph", lambda *a: True)
+        ours._graphs = ours._graphs if captures else _GraphRunner(capture=capture)
+        torch.manual_seed(8)
+        graphed = ours.generate(cond, **kw)
+        monkeypatch.setattr(maskgit, "_use_graph", lambda *a: False)
+        assert torch.equal(graphed, eager)
+    assert captures == [1]
