@@ -202,3 +202,38 @@ def test_eval_fid_bad_input(tmp_path, capsys, monkeypatch):
     rc = main(["eval", "fid", "--samples", str(good), "--ref", str(good), "--local-files-only", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "weights-inception-2015-12-05-6726825d.pth" in err and "downloads are off" in err, err
+
+
+# ---- class names and sampling defaults ---------------------------------------------------------
+
+def test_class_names_resolve_with_close_matches():
+    from tatitok_fast.imagenet_classes import ClassNameError, class_names, resolve_class
+
+    names = class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
+    assert resolve_class("207") == resolve_class("golden retriever") == resolve_class(" Golden Retriever ") == 207
+    assert resolve_class(999) == 999 and resolve_class("cardigan") == 474 and resolve_class("Cardigan") == 264
+    with pytest.raises(ClassNameError, match=r"'tenchh': not an ImageNet class name or id; close matches: 'tench' \(0\)"):
+        resolve_class("tenchh")
+    with pytest.raises(ClassNameError, match=r"--class: expected a class id in \[0, 10\), got 10"):
+        resolve_class("10", num_classes=10, what="--class")
+    with pytest.raises(ClassNameError, match="'zzzzqqqq': not an ImageNet class name or id") as info:
+        resolve_class("zzzzqqqq")
+    assert "close matches" not in str(info.value)
+
+
+@pytest.mark.parametrize("preset, want", [  # TITOK.md 10 (sample_imagenet_titok.py with the preset yamls)
+    ("titok_l32", dict(randomize_temperature=9.5, num_sample_steps=8, guidance_scale=4.5, guidance_decay="linear")),
+    ("titok_b64", dict(randomize_temperature=11.0, num_sample_steps=8, guidance_scale=3.0, guidance_decay="linear")),
+    ("titok_s128", dict(randomize_temperature=2.8, num_sample_steps=64, guidance_scale=6.9,
+                        guidance_decay="power-cosine")),
+])
+def test_sampling_defaults_are_the_official_fid_settings(preset, want):
+    from tatitok_fast.pipeline import sampling_settings
+    from tatitok_fast.presets import titok_generator_config
+
+    with torch.device("meta"):
+        generator = ImageBert.class_for_config(titok_generator_config(preset))(titok_generator_config(preset))
+    got = sampling_settings(generator)
+    assert got == {**want, "guidance_scale_pow": 3.0, "softmax_temperature_annealing": True}
+    assert sampling_settings(generator, guidance_scale=1.0, num_sample_steps=None)["guidance_scale"] == 1.0
