@@ -167,6 +167,9 @@ GENERATE_CASES = [
          softmax_temperature_annealing=True, num_sample_steps=12),
     dict(guidance_decay="power-cosine", guidance_scale=2.0, guidance_scale_pow=1.5, randomize_temperature=4.5),
     dict(guidance_decay="constant", guidance_scale=0.0, randomize_temperature=4.5, softmax_temperature_annealing=True),
+    dict(guidance_decay="linear", guidance_scale=4.5, randomize_temperature=0.0, num_sample_steps=5),  # no noise
+    dict(guidance_decay="constant", guidance_scale=3.0, randomize_temperature=4.5, num_sample_steps=1),
+    dict(guidance_decay="power-cosine", guidance_scale=6.9, randomize_temperature=2.8, num_sample_steps=32),
 ]
 
 
