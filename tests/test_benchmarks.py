@@ -100,6 +100,47 @@ def test_report_renders_text_markdown_and_json():
     assert json.loads(json.dumps(data)) == data
 
 
+def _model_row(case, impl, variant, dtype, ms, shapes="m B=4"):
+    return Measurement("tokenizer", case, impl, "cpu", dtype, shapes, ms, 0.1, None, variant=variant)
+
+
+@pytest.mark.parametrize("fp32_ms, autocast_ms", [(100.0, 700.0), (900.0, 300.0)])
+def test_vs_official_best_divides_by_the_faster_official_row(fp32_ms, autocast_ms):
+    # a CPU without bf16 units (autocast 7x slower than fp32) and one with them: the column
+    # must take whichever official mode was faster, per case, never the other one
+    rows = [_model_row("decode", "official", "fp32 eager", "float32", fp32_ms),
+            _model_row("decode", "official", "autocast bfloat16", "bfloat16", autocast_ms),
+            _model_row("decode", "tatitok_fast", "fp32", "float32", 80.0),
+            _model_row("decode", "tatitok_fast", "fast bfloat16", "bfloat16", 50.0),
+            _model_row("encode", "official", "fp32 eager", "float32", 40.0),  # another case: its own baseline
+            _model_row("encode", "tatitok_fast", "fast bfloat16", "bfloat16", 20.0),
+            _model_row("decode", "tatitok_fast", "fp32", "float32", 10.0, shapes="m B=8")]  # no official row
+    report = Report(header={"commit": "abc1234", "device_names": {"cpu": "a cpu"}}, rows=rows)
+    best_ms = min(fp32_ms, autocast_ms)
+    best_name = "fp32 eager" if fp32_ms < autocast_ms else "autocast bfloat16"
+    data = report.to_json()["rows"]
+    assert [r["vs_official_best"] for r in data[:4]] == pytest.approx(
+        [best_ms / fp32_ms, best_ms / autocast_ms, best_ms / 80.0, best_ms / 50.0])
+    assert {r["official_best"] for r in data[:4]} == {best_name}
+    assert data[5]["vs_official_best"] == pytest.approx(2.0) and data[5]["official_best"] == "fp32 eager"
+    assert data[6]["vs_official_best"] is None and data[6]["official_best"] == ""
+    md = report.markdown()
+    titles = md.splitlines()[2].split(" | ")
+    col = titles.index("vs official best")
+    fast_line = [line for line in md.splitlines() if "fast bfloat16" in line and "m B=4" in line
+                 and "decode" in line][0]
+    assert fast_line.split(" | ")[col] == f"{best_ms / 50.0:.2f}x"
+    assert "vs official best" in report.text()
+
+
+def test_vs_official_best_column_is_absent_without_official_rows():
+    rows = [_model_row("decode", "tatitok_fast", "fp32", "float32", 10.0),
+            _model_row("decode", "reference", "reference_mode fp32 (extra)", "float32", 20.0)]
+    report = Report(header={"commit": "abc1234"}, rows=rows)
+    assert "vs official best" not in report.markdown()
+    assert all(r["vs_official_best"] is None for r in report.to_json()["rows"])
+
+
 # ---------------------------------------------------------------------------------------
 # CLI: bench ops
 

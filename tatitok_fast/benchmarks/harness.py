@@ -37,7 +37,9 @@ class Measurement:
     """One timed (case, implementation) pair. Times in milliseconds, memory in MiB.
 
     `speedup` is the baseline row's median / this median, `baseline` names that row
-    ("official fp32 eager", "reference", ...);
+    ("official fp32 eager", "reference", ...); `vs_official_best` is the median of the
+    fastest official row of the same (suite, case, device, shapes) / this median, and
+    `official_best` names that row's variant (filled by `fill_vs_official_best`);
     the throughput fields are filled where the suite knows the work done: `gbps` (bytes
     read + written per second), `pct_of_peak` (gbps as % of a device-to-device copy measured
     in the same run), `tflops`, `items_per_s` (the suite says what an item is).
@@ -60,6 +62,8 @@ class Measurement:
     tflops: float | None = None
     items_per_s: float | None = None
     timer: str = ""
+    vs_official_best: float | None = None
+    official_best: str = ""
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -433,6 +437,27 @@ def run_header(devices: list[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
+# Best against best
+
+def fill_vs_official_best(rows: Sequence[Measurement]) -> None:
+    """Set every row's `vs_official_best` to (the fastest official row's median) / (its own
+    median), the official rows compared being those of the same (suite, case, device,
+    shapes): whichever of the official code's modes (fp32 eager, autocast bf16, ...) was
+    faster on this machine is the baseline, so no ratio is taken against a mode that no
+    informed user would run. `official_best` names that row's variant. Rows of a case with
+    no official row get None / "". Recomputed from scratch each call (idempotent)."""
+    best: dict[tuple, Measurement] = {}
+    for r in rows:
+        key = (r.suite, r.case, r.device, r.shapes)
+        if r.impl == "official" and r.median_ms > 0 and (key not in best or r.median_ms < best[key].median_ms):
+            best[key] = r
+    for r in rows:
+        b = best.get((r.suite, r.case, r.device, r.shapes))
+        r.vs_official_best = b.median_ms / r.median_ms if b is not None and r.median_ms > 0 else None
+        r.official_best = (b.variant or b.dtype) if b is not None else ""
+
+
+# ---------------------------------------------------------------------------------------
 # Rendering
 
 # (title, Measurement attribute, format); None values render as "-"
@@ -448,6 +473,8 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("peak extra MiB", "peak_extra_mb", "{:.4g}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("vs", "baseline", "{}"),
+    ("vs official best", "vs_official_best", "{:.2f}x"),
+    ("official best", "official_best", "{}"),
     ("GB/s", "gbps", "{:.1f}"),
     ("% peak", "pct_of_peak", "{:.0f}%"),
     ("TFLOP/s", "tflops", "{:.3g}"),
@@ -466,10 +493,11 @@ class Report:
 
     def _columns(self) -> list[tuple[str, str, str]]:
         # throughput columns only when some row has them
-        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer"}
+        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer", "vs_official_best", "official_best"}
         return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) not in (None, "") for r in self.rows)]
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
+        fill_vs_official_best(self.rows)
         cols = self._columns()
         cells = [[("-" if getattr(r, a) in (None, "") else f.format(getattr(r, a))) for _, a, f in cols]
                  for r in self.rows]
@@ -506,6 +534,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         """{"header": {...}, "rows": [one dict per Measurement, with the commit], "notes": [...]}"""
         commit = self.header.get("commit")
+        fill_vs_official_best(self.rows)
         return {"header": dict(self.header),
                 "rows": [{**dataclasses.asdict(r), "commit": commit} for r in self.rows],
                 "notes": list(self.notes)}

@@ -9,7 +9,9 @@ Every case is timed in up to five variants on the same weights and inputs:
     reference reference_mode    ours in fp32 on the PyTorch twins of every kernel (an extra)
 
 Speed-ups are against the official rows of the same precision: fp32 vs official fp32 eager,
-fast vs official autocast. Without an official checkout (--official) they fall back to the
+fast vs official autocast. The `vs official best` column (harness.fill_vs_official_best)
+divides every row by the FASTER of the official rows on this machine (autocast bf16 is ~7x
+slower than fp32 on a CPU without bf16 units), the honest headline figure. Without an official checkout (--official) they fall back to the
 reference_mode row and every row says which baseline it was divided by.
 
 A suite builds its cases with `ModelCase`s (which run the agreement checks of official.py
