@@ -236,8 +236,11 @@ def padded_linear_class(base: type, row_multiple: int) -> type:
     parameters and state-dict keys as `base`."""
     key = (base, row_multiple)
     if key not in _PADDED_CLASSES:
-        _PADDED_CLASSES[key] = type(f"RowPadded{base.__name__}", (_PaddedRowsMixin, base),
-                                    {"row_multiple": row_multiple, "__module__": __name__})
+        name = f"RowPadded{row_multiple}_{base.__module__.replace('.', '_')}_{base.__name__}"
+        cls = type(name, (_PaddedRowsMixin, base), {"row_multiple": row_multiple, "__module__": __name__,
+                                                     "__qualname__": name})
+        globals()[name] = cls  # importable by name: pickled / torch.save'd models load back
+        _PADDED_CLASSES[key] = cls
     return _PADDED_CLASSES[key]
 
 
