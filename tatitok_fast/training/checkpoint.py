@@ -87,6 +87,15 @@ _SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("co
                  ("pathlib", "PureWindowsPath")}
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a global outside the allow-list (not a damaged file)."""
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """A weights_only / allow-list refusal, as opposed to a damaged (unreadable) pickle."""
+    return isinstance(exc, _RefusedGlobal) or "Unsupported global" in str(exc) or "Unsupported class" in str(exc)
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's `.metadata` is a pickle: allow only DCP's own metadata classes, torch.Size,
     dtypes and paths, so a crafted file cannot name a callable that runs code."""
@@ -97,7 +106,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module in _DCP_MODULES and isinstance(getattr(sys.modules[module], name, None), type)) \
                 or (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        raise _RefusedGlobal(f"refused global {module}.{name}")
 
 
 class _SafeReader(FileSystemReader):
@@ -107,9 +116,11 @@ class _SafeReader(FileSystemReader):
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as exc:
+        except _RefusedGlobal as exc:
             raise ResumeError(f"{path}: refused ({exc}); a checkpoint's metadata holds only DCP's metadata "
                               "classes") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:  # damaged
+            raise OSError(f"{path.name} does not read ({type(exc).__name__}: {exc})") from None
         if not isinstance(metadata, Metadata):
             raise ResumeError(f"{path}: refused (a {type(metadata).__name__}, not DCP metadata)")
         if getattr(metadata, "storage_meta", None) is not None:
@@ -126,6 +137,8 @@ class _SafePlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
+            if not _is_refusal(exc):
+                raise
             raise ResumeError(f"checkpoint entry {read_item.dest_index.fqn}: refused ({exc})") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
@@ -134,10 +147,13 @@ class _SafePlanner(DefaultLoadPlanner):
 
 
 def load_local_file(path: Path) -> dict:
-    """A rank-R.pt file: tensors and plain data only (weights_only=True), else ResumeError."""
+    """A rank-R.pt file: tensors and plain data only (weights_only=True), else ResumeError;
+    a damaged file -> OSError (the step is corrupt)."""
     try:
         return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        if not (isinstance(exc, pickle.UnpicklingError) and _is_refusal(exc)):
+            raise OSError(f"{path.name} does not read ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ResumeError(f"{path}: refused: it holds objects other than tensors and plain data, which could "
                           f"run code on load ({first})") from None
@@ -264,12 +280,12 @@ class CheckpointManager:
                 self.path(s).rename(self.path(s).with_name(f"step-{s}.unloadable"))
         barrier(self.world)
 
-    def _any_rank(self, flag: bool) -> bool:
+    def _max_over_ranks(self, value: int) -> int:
         if not self.world.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self.world.device)
+            return value
+        t = torch.tensor([value], device=self.world.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
     def _verify(self, path: Path) -> None:
         for line in (path / COMPLETE).read_text().splitlines():
@@ -294,8 +310,15 @@ class CheckpointManager:
                 locals_ = [load_local_file(files[r]) for r in range(len(files))]
         except ResumeError as exc:
             refused = exc
-        if self._any_rank(refused is not None):  # all ranks stop together, none waits in dcp.load
-            raise refused or ResumeError(f"{path}: another rank refused its rank file (its error names it)")
+        except OSError as exc:
+            refused = _Corrupt(str(exc))
+        # every rank takes the same way (none waits in dcp.load): 2 = refused, 1 = corrupt somewhere
+        worst = self._max_over_ranks(2 if isinstance(refused, ResumeError) else 1 if refused else 0)
+        if worst == 2:
+            raise refused if isinstance(refused, ResumeError) else \
+                ResumeError(f"{path}: another rank refused its rank file (its error names it)")
+        if worst == 1:
+            raise refused or _Corrupt("another rank's rank file does not read")
         reader = _SafeReader(str(path))
         state = self._state(model, optimizer, parts, aux)
         state["step"] = -1

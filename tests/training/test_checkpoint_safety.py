@@ -167,3 +167,18 @@ def test_a_healthy_run_raises_no_warning(shards, tmp_path):
         assert main(argv(shards, "vq", run, *common, "--training.stop_after", "2")) == 0
         assert main(argv(shards, "vq", run, *common)) == 0  # resumes: a DCP load, then saves
     assert [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught] == []
+
+
+@pytest.mark.parametrize("damaged", [".metadata", "rank-0.pt"])
+def test_a_damaged_latest_step_falls_back_by_name(shards, tmp_path, damaged):
+    """Same size as the manifest says, but garbage inside: corrupt, not hostile -> the previous
+    step is loaded, and the warning names the damaged one."""
+    run = tmp_path / "run"
+    assert main(argv(shards, "vq", run, "--training.steps", "4", "--checkpoint.interval", "2",
+                     "--training.stop_after", "4")) == 0
+    f = run / "checkpoints" / "step-4" / damaged
+    f.write_bytes(bytes(reversed(f.read_bytes())))  # same size, not a pickle any more
+    with pytest.warns(RuntimeWarning, match=f"step-4 could not be loaded: it is corrupt.*{damaged}"):
+        assert main(argv(shards, "vq", run, "--training.steps", "6", "--checkpoint.interval", "2")) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
