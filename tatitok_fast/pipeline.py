@@ -13,10 +13,11 @@ from tatitok_fast.models.tokenizers.tatitok import TATiTok
 
 
 def is_class_generator(generator) -> bool:
-    """A class-conditional MaskGIT generator (ImageBert / UViTBert): its config has model.generator."""
+    """A class-conditional MaskGIT generator (ImageBert / UViTBert): a generate() and a config with
+    model.generator (a TiTok's config may hold model.generator too: the official yamls share it)."""
     config = getattr(generator, "config", None)
-    return isinstance(config, Mapping) and isinstance(config.get("model"), Mapping) and \
-        isinstance(config["model"].get("generator"), Mapping)
+    return callable(getattr(generator, "generate", None)) and isinstance(config, Mapping) and \
+        isinstance(config.get("model"), Mapping) and isinstance(config["model"].get("generator"), Mapping)
 
 
 def check_compatible(generator, tokenizer) -> None:
@@ -59,6 +60,8 @@ def _class_generator_spec(generator) -> tuple[int, int, int]:
 
 def _check_class_compatible(generator, tokenizer) -> None:
     codebook, tokens, _ = _class_generator_spec(generator)
+    if isinstance(tokenizer, TATiTok):
+        raise TypeError("tokenizer: a TA-TiTok decodes with text guidance; a class generator needs a TiTok")
     if not callable(getattr(tokenizer, "decode_tokens", None)):
         raise TypeError(f"tokenizer: expected a TiTok (with decode_tokens), got {type(tokenizer).__name__}")
     problems = []

@@ -237,3 +237,22 @@ def test_sampling_defaults_are_the_official_fid_settings(preset, want):
     got = sampling_settings(generator)
     assert got == {**want, "guidance_scale_pow": 3.0, "softmax_temperature_annealing": True}
     assert sampling_settings(generator, guidance_scale=1.0, num_sample_steps=None)["guidance_scale"] == 1.0
+
+
+def test_class_pipeline_checks_its_inputs(assets):
+    from tatitok_fast import TATiTok
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    generator, tokenizer = ImageBert.from_pretrained(assets / "gen"), TiTok.from_pretrained(assets / "tok")
+    with pytest.raises(TypeError, match="a class generator needs a TiTok"):
+        ClassToImage(generator, TATiTok(tiny_tokenizer_config("vq")))
+    with pytest.raises(TypeError, match="expected an ImageBert or UViTBert"):
+        ClassToImage(tokenizer, tokenizer)
+    pipe = ClassToImage(generator, tokenizer)
+    with pytest.raises(ValueError, match=r"classes: expected a class id in \[0, 10\), got 10"):
+        pipe(torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="expected a non-empty"):
+        pipe(torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="guidance_decay"):
+        pipe([1], guidance_decay="cosine")
+    assert pipe.labels(["tench", 3]).tolist() == [0, 3]
