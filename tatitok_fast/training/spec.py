@@ -50,7 +50,10 @@ class Recipe:
     # ---- model side ----
     def build_model(self) -> nn.Module:
         """The trained model in fp32 on the CPU, initialised (seeded) or loaded from
-        model.init_from; it has `config` and `save_pretrained` (official layout)."""
+        model.init_from; it has `config` and `save_pretrained` (official layout).
+        Also called once before anything is built, on a probe instance (device "meta",
+        model.init_from = "", under torch.device("meta")) for the data check: it must set what
+        decode_sample needs (sizes, codebook, mode) and load no weights there."""
         raise NotImplementedError
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
