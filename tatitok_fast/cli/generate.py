@@ -21,7 +21,9 @@ from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_sa
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="text-to-image with MaskGen + TA-TiTok", description=__doc__)
+    p = subparsers.add_parser("generate", help="text-to-image (MaskGen + TA-TiTok), or class-to-image with --class "
+                              "(ImageBert / UViTBert + TiTok)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     from tatitok_fast.cli.class_models import add_class_sampling_arguments
 
     p.add_argument("prompts", nargs="*", help="text prompts (or --prompts-file)")
