@@ -230,3 +230,47 @@ class TokenizerLoss(nn.Module):
         logs = dict(discriminator_loss=loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean(),
                     lecam_loss=lecam)
         return loss, {k: v.detach().float() for k, v in logs.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# TiTok two-stage training (official ReconstructionLoss_Stage1 / _Stage2)
+#
+# Stage 2's loss IS TokenizerLoss(cfg, "vq") above: ReconstructionLoss_Stage2's generator and
+# discriminator sides are the single-stage VQ formulas (its recipes set perceptual_loss
+# "convnext_s", perceptual_weight 0.1, quantizer_weight 0, discriminator_weight 0.01); stage 1
+# is the proxy-code cross-entropy below.
+
+PROXY_CODES = 1024  # the MaskGIT-VQGAN codebook the stage-1 decoder predicts
+
+
+def proxy_code_loss(logits: torch.Tensor, target_codes: torch.Tensor, quantizer_result: Mapping,
+                    quantizer_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 1: cross-entropy of the decoder's logits over the 1024 MaskGIT-VQGAN codes
+    against the frozen VQGAN's codes of the same images, plus the quantizer loss.
+
+    logits (B, 1024, G, G) (any dtype; fp32 inside, autocast off); target_codes (B, G*G) or
+    (B, G, G) int64; quantizer_result: the quantizer's dict (quantizer_loss, commitment_loss,
+    codebook_loss). -> (total, logs of detached scalars).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[1] != PROXY_CODES:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected (B, {PROXY_CODES}, G, G) logits over the MaskGIT-VQGAN codes, got {got}")
+    b, positions = logits.shape[0], logits.shape[2] * logits.shape[3]
+    if (not isinstance(target_codes, torch.Tensor) or target_codes.dtype != torch.long
+            or target_codes.numel() != b * positions):
+        got = (f"{target_codes.dtype} {tuple(target_codes.shape)}" if isinstance(target_codes, torch.Tensor)
+               else type(target_codes).__name__)
+        raise ValueError(f"target_codes: expected int64 codes (B, {positions}) for logits {tuple(logits.shape)}, "
+                         f"got {got}")
+    if not isinstance(quantizer_result, Mapping) or "quantizer_loss" not in quantizer_result:
+        raise TypeError("quantizer_result: expected the quantizer's dict (quantizer_loss, commitment_loss, "
+                        f"codebook_loss), got {type(quantizer_result).__name__}")
+    with torch.autocast(logits.device.type, enabled=False):
+        ce = F.cross_entropy(logits.float().reshape(b, PROXY_CODES, positions), target_codes.reshape(b, positions))
+        q = quantizer_weight * quantizer_result["quantizer_loss"].float()
+        total = ce + q
+    zero = ce.new_zeros(())
+    logs = dict(total_loss=total, reconstruction_loss=ce, quantizer_loss=q,
+                commitment_loss=quantizer_result.get("commitment_loss", zero),
+                codebook_loss=quantizer_result.get("codebook_loss", zero))
+    return total, {k: v.detach().float().to(ce.device) for k, v in logs.items()}

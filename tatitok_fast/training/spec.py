@@ -23,6 +23,7 @@ from tatitok_fast.training.errors import ConfigError
 RECIPES: dict[str, str] = {
     "maskgen": "tatitok_fast.training.recipes.maskgen:MaskGenRecipe",
     "tatitok": "tatitok_fast.training.recipes.tatitok:TATiTokRecipe",
+    "titok": "tatitok_fast.training.recipes.titok:TiTokRecipe",
 }
 
 

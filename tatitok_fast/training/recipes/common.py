@@ -14,17 +14,24 @@ from tatitok_fast.training.config import ConfigError
 TINY = {"tiny_vq": "vq", "tiny_vae": "vae"}
 
 
-def model_config(model_cfg, kind: str) -> dict:
+def model_config(model_cfg, kind: str, table: dict | None = None, tiny: dict | None = None) -> dict:
     """model.config (a zoo preset, tiny_vq / tiny_vae, or a config.json path) + model.overrides
-    -> an official-schema config dict. kind: "tokenizer" or "generator"."""
+    -> an official-schema config dict. kind: "tokenizer" or "generator"; another family passes
+    its own presets (`table`) and tiny configs (`tiny`: name -> callable returning a config) and
+    gets no text_encoder entry."""
     from tatitok_fast.checkpoint import CheckpointError, read_config
 
     name = model_cfg.config
-    table = presets.TOKENIZERS if kind == "tokenizer" else presets.GENERATORS
+    own = table is not None
+    if table is None:
+        table = presets.TOKENIZERS if kind == "tokenizer" else presets.GENERATORS
+    if tiny is None:
+        make = presets.tiny_tokenizer_config if kind == "tokenizer" else presets.tiny_generator_config
+        tiny = {n: (lambda m=m: make(m)) for n, m in TINY.items()}
     if name in table:
         config = presets.preset_config(name)
-    elif name in TINY:
-        config = (presets.tiny_tokenizer_config if kind == "tokenizer" else presets.tiny_generator_config)(TINY[name])
+    elif name in tiny:
+        config = tiny[name]()
     elif name.endswith(".json") or Path(name).is_dir():
         path = Path(name) / "config.json" if Path(name).is_dir() else Path(name)
         try:
@@ -33,7 +40,7 @@ def model_config(model_cfg, kind: str) -> dict:
             raise ConfigError(f"model.config: {exc}") from None
     else:
         raise ConfigError(f"model.config: {name!r} is not a {kind} preset ({sorted(table)}), "
-                          f"{sorted(TINY)}, or a config.json path / directory")
+                          f"{sorted(tiny)}, or a config.json path / directory")
     config = copy.deepcopy(config)
     for dotted, value in model_cfg.overrides.items():
         node = config
@@ -43,7 +50,8 @@ def model_config(model_cfg, kind: str) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"model.overrides.{dotted}: {p} is not a table in the model config")
         node[leaf] = value
-    config.setdefault("model", {})["text_encoder"] = dict(model_cfg.text_encoder)
+    if not own:
+        config.setdefault("model", {})["text_encoder"] = dict(model_cfg.text_encoder)
     return config
 
 
