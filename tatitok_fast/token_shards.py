@@ -12,6 +12,10 @@ One sample (webdataset: files `<key>.<field>` in a tar) holds
     json        metadata: format, version, tokenizer, mode, num_tokens, token_size,
                 codebook_size, image_size, shape, dtype, source.
 
+Class-labelled samples (MaskGIT training, `tatitok-fast tokenize --labels` or `--from-jsonl`)
+hold `tokens.npy`, `cls` (the class index, UTF-8 decimal text, as webdataset's .cls) and `json`,
+plus `txt` when the image had a caption; `encode_class_token_sample` / `decode_class_token_sample`.
+
 The reference's shards (data/webdataset_reader.py) are also read: `token.npy` holding raw
 little-endian float16 bytes without an .npy header, `aes_score` as bytes of decimal text.
 float16 holds every integer up to 2048 exactly and no VQ id above it reliably (2049 is the
@@ -38,7 +42,8 @@ import torch
 __all__ = ["FORMAT", "FORMAT_VERSION", "TOKENS_KEY", "OFFICIAL_TOKENS_KEY", "TEXT_KEY", "RECAP_KEY", "AES_KEY",
            "META_KEY", "RECAP_PREFIXES", "OFFICIAL_RECAP_PROB", "FLOAT16_EXACT_MAX", "CorruptSampleError",
            "Float16TokenWarning", "shard_metadata", "encode_token_sample", "decode_token_sample",
-           "strip_recap_prefix", "parse_aes_score", "vq_id_dtype"]
+           "strip_recap_prefix", "parse_aes_score", "vq_id_dtype", "CLASS_KEY", "encode_class_token_sample",
+           "decode_class_token_sample", "parse_class_label"]
 
 FORMAT = "tatitok_fast.token_shards"
 FORMAT_VERSION = 1
@@ -48,6 +53,7 @@ TEXT_KEY = "txt"
 RECAP_KEY = "recap_txt"
 AES_KEY = "aes_score"
 META_KEY = "json"
+CLASS_KEY = "cls"
 RECAP_PREFIXES = tuple(f"The image {v}" for v in ("depicts", "displays", "showcases", "features", "shows"))
 OFFICIAL_RECAP_PROB = 0.95  # the reference's use_recap_prob when recaptions are enabled
 FLOAT16_EXACT_MAX = 2048  # the largest integer range float16 holds exactly: [0, 2048]
@@ -145,6 +151,21 @@ def encode_token_sample(key: str, tokens: np.ndarray | torch.Tensor, text: str, 
               META_KEY: json.dumps({**meta, **({"source": source} if source is not None else {})})}
     if recap_text is not None:
         sample[RECAP_KEY] = str(recap_text)
+    return sample
+
+
+def encode_class_token_sample(key: str, tokens: np.ndarray | torch.Tensor, label: int, meta: Mapping[str, Any], *,
+                              text: str | None = None, source: str | None = None) -> dict[str, Any]:
+    """One class-labelled VQ sample: tokens.npy, cls (decimal text), json, and txt when given."""
+    if meta["mode"] != "vq":
+        raise ValueError(f"meta: class-labelled token shards hold VQ ids, got mode {meta['mode']!r}")
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+        raise ValueError(f"label of {key}: expected a class index >= 0, got {label!r}")
+    sample = encode_token_sample(key, tokens, "", 0.0, meta, source=source)
+    del sample[AES_KEY], sample[TEXT_KEY]
+    sample[CLASS_KEY] = str(int(label))
+    if text is not None:
+        sample[TEXT_KEY] = str(text)
     return sample
 
 
@@ -342,3 +363,46 @@ def decode_token_sample(sample: Mapping[str, Any], *, mode: str, num_tokens: int
     if AES_KEY not in sample:
         raise CorruptSampleError(f"sample {key}: no aesthetic score: expected an {AES_KEY} field")
     return {"tokens": tokens, "text": text, "aes_score": parse_aes_score(sample[AES_KEY], key), "__key__": key}
+
+
+def parse_class_label(value: Any, key: str = "?", num_classes: int | None = None) -> int:
+    """A class index from a `cls` field (bytes/str of a decimal int, or an int)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        label = int(value)
+    else:
+        text = _as_text(key, CLASS_KEY, value).strip()
+        try:
+            label = int(text)
+        except ValueError:
+            raise CorruptSampleError(f"sample {key}: {CLASS_KEY}: expected a class index (decimal int), "
+                                     f"got {text[:40]!r}") from None
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise CorruptSampleError(f"sample {key}: {CLASS_KEY}: expected a class index in [0, {num_classes}), got {label}"
+                                 if num_classes is not None else f"sample {key}: {CLASS_KEY}: expected >= 0, got {label}")
+    return label
+
+
+def decode_class_token_sample(sample: Mapping[str, Any], *, num_tokens: int, codebook_size: int,
+                              num_classes: int) -> dict[str, Any]:
+    """One raw class-labelled VQ sample -> {"tokens": (N,) int64, "label": int, "__key__": str}.
+    The json metadata (when ours) must name the same num_tokens and codebook_size: tokens of
+    another tokenizer are refused. Raises CorruptSampleError naming the key and what was expected."""
+    _check_reader_args("vq", num_tokens, codebook_size, None, 0.0)
+    if not isinstance(sample, Mapping):
+        raise CorruptSampleError(f"sample: expected a dict of fields, got {type(sample).__name__}")
+    key = str(sample.get("__key__", "?"))
+    if TOKENS_KEY in sample:
+        arr, official = _load_npy(key, sample[TOKENS_KEY]), False
+    elif OFFICIAL_TOKENS_KEY in sample:
+        arr, official = _load_official(key, sample[OFFICIAL_TOKENS_KEY]), True
+    else:
+        raise CorruptSampleError(f"sample {key}: no tokens: expected a {TOKENS_KEY} field, got fields "
+                                 f"{sorted(k for k in sample if not k.startswith('__'))} (image shards are "
+                                 "turned into token shards by `tatitok-fast tokenize --labels`)")
+    _check_meta(key, sample, "vq", num_tokens, codebook_size, None)
+    tokens = _vq_tokens(key, arr, num_tokens, codebook_size, official)
+    if CLASS_KEY not in sample:
+        raise CorruptSampleError(f"sample {key}: no class label: a class-conditional recipe needs a {CLASS_KEY} "
+                                 "field (tokenize class-labelled images with `tatitok-fast tokenize --labels`, "
+                                 "or the official jsonl with --from-jsonl)")
+    return {"tokens": tokens, "label": parse_class_label(sample[CLASS_KEY], key, num_classes), "__key__": key}

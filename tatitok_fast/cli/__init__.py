@@ -14,6 +14,7 @@ from typing import Sequence
 # modules of tatitok_fast.cli, in the order `--help` lists them
 SUBCOMMANDS: list[str] = [
     "reconstruct",
+    "make_shards",
     "tokenize_images",
     "train",
     "generate",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tatitok_fast.training.errors import ConfigError
-from tatitok_fast.training.spec import loss_config_class
+from tatitok_fast.training.spec import RECIPES, loss_config_class
 
 
 def opt(default: Any, help: str, choices: Sequence[Any] | None = None):
@@ -38,7 +38,7 @@ def opt(default: Any, help: str, choices: Sequence[Any] | None = None):
 @dataclass
 class Job:
     dump_folder: str = opt("./outputs/run", "run folder: config.toml, checkpoints/, metrics.jsonl, tb/, export/")
-    recipe: str = opt("maskgen", "training recipe family", ("maskgen", "tatitok"))
+    recipe: str = opt("maskgen", "training recipe family", tuple(RECIPES))  # every registered recipe
     description: str = opt("", "free text, written into the run folder's config")
 
 

@@ -24,6 +24,7 @@ RECIPES: dict[str, str] = {
     "maskgen": "tatitok_fast.training.recipes.maskgen:MaskGenRecipe",
     "tatitok": "tatitok_fast.training.recipes.tatitok:TATiTokRecipe",
     "titok": "tatitok_fast.training.recipes.titok:TiTokRecipe",
+    "maskgit": "tatitok_fast.training.recipes.maskgit:MaskGITRecipe",
 }
 
 

@@ -1,0 +1,209 @@
+"""TiTok's class-conditional MaskGIT generators (ImageBert, UViTBert) from class-labelled token
+shards (`tatitok-fast tokenize --labels`, or `--from-jsonl` for the official pretokenized jsonl):
+the official scripts/train_maskgit.py step.
+
+    token shard --decode--> tokens (N,) int64, label
+        --batch_transform--> label dropout (p = loss.class_label_dropout -> the class-drop token),
+                             training masks (the official masking_input_tokens draws)
+        --forward_loss--> logits (B, N, K) -> MLMLoss: label-smoothed CE on every position,
+                          weight 1 on masked and loss.unmasked_weight on visible ones
+
+Masks and label dropout are drawn per sample from the sample's stream seed (not from the
+global RNG as the official forward does), so they do not depend on the rank count and a
+resumed run draws the same ones; the model then runs with cond_drop_prob 0.
+
+model.config: titok_l32 / titok_b64 / titok_s128 (the official generator configs), tiny_maskgit
+/ tiny_uvit (CPU tests), or a config.json path; model.overrides apply on top.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tatitok_fast.training.config import opt
+from tatitok_fast.training.errors import ConfigError
+from tatitok_fast.training.recipes import common
+from tatitok_fast.training.spec import Recipe, StepOutput, per_sample_generators
+
+SALT_MASK, SALT_DROP = 11, 12
+
+
+def tiny_maskgit_config(model_type: str = "ViT") -> dict:
+    """A 64-wide MaskGIT over 16 tokens of a 64-code tokenizer, 10 classes (CPU tests)."""
+    layers = 2 if model_type == "ViT" else 3  # U-ViT: 1 in-block, the mid-block, 1 out-block
+    return {"model": {"vq_model": {"codebook_size": 64, "num_latent_tokens": 16},
+                      "generator": {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": layers,
+                                    "num_attention_heads": 4, "intermediate_size": 128, "dropout": 0.1,
+                                    "attn_drop": 0.1, "num_steps": 4, "class_label_dropout": 0.1,
+                                    "image_seq_len": 16, "condition_num_classes": 10,
+                                    "randomize_temperature": 1.0, "guidance_scale": 4.5,
+                                    "guidance_decay": "constant"}},
+            "dataset": {"preprocessing": {"crop_size": 32}}}
+
+
+TINY = {"tiny_maskgit": "ViT", "tiny_uvit": "UViT"}
+
+
+def maskgit_config(model_cfg) -> dict:
+    """model.config + model.overrides -> the official generator config (model.vq_model +
+    model.generator)."""
+    from tatitok_fast import presets
+
+    name = model_cfg.config
+    if name in presets.TITOK_GENERATORS:
+        config = presets.titok_generator_config(name)
+    elif name in TINY:
+        config = tiny_maskgit_config(TINY[name])
+    elif name.endswith(".json") or Path(name).is_dir():
+        config = common.model_config(model_cfg, "generator")  # reads the file, applies the overrides
+        config["model"].pop("text_encoder", None)  # a class-conditional model has none
+        return config
+    else:
+        raise ConfigError(f"model.config: {name!r} is not a MaskGIT generator preset "
+                          f"({sorted(presets.TITOK_GENERATORS)}), {sorted(TINY)}, or a config.json path / directory")
+    config = copy.deepcopy(config)
+    for dotted, value in model_cfg.overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"model.overrides.{dotted}: {p} is not a table in the model config")
+        node[leaf] = value
+    return config
+
+
+def _train_with_fused_qkv(model: nn.Module) -> None:
+    """ImageBert's attention shows its fused `qkv` as HF's query/key/value in state_dict() (a
+    post-hook); DCP's state-dict helpers map state-dict keys back to parameters by name and fail
+    on those. The trained model keeps `qkv.*` keys (checkpoints); the export, a fresh model,
+    writes the official query/key/value again."""
+    from tatitok_fast.models.generators.maskgit_blocks import _split_qkv_on_save
+
+    for m in model.modules():
+        hooks = getattr(m, "_state_dict_hooks", {})
+        for key in [k for k, h in hooks.items() if h is _split_qkv_on_save]:
+            del hooks[key]
+
+
+@dataclass
+class MaskGITLossConfig:
+    label_smoothing: float = opt(0.1, "cross-entropy label smoothing (official losses.label_smoothing)")
+    unmasked_weight: float = opt(0.1, "loss weight of unmasked positions (official loss_weight_unmasked_token)")
+    class_label_dropout: float = opt(-1.0, "label dropout for CFG (-1 = the model config's class_label_dropout)")
+
+
+class MaskGITRecipe(Recipe):
+    name = "maskgit"
+    loss_config = MaskGITLossConfig
+
+    # ---- model ----
+    def build_model(self) -> nn.Module:
+        from tatitok_fast import ImageBert
+
+        config = maskgit_config(self.cfg.model)
+        try:
+            cls = ImageBert.class_for_config(config)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"model.config {self.cfg.model.config}: {exc}") from None
+        model = common.build(cls, config, self.cfg)
+        _train_with_fused_qkv(model)
+        self.num_tokens = model.image_seq_len
+        self.codebook_size = model.target_codebook_size
+        self.num_classes = model.condition_num_classes
+        p = self.cfg.loss.class_label_dropout
+        self.label_dropout = float(config["model"]["generator"].get("class_label_dropout", 0.1)) if p < 0 else p
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ConfigError(f"loss.class_label_dropout: expected a probability in [0, 1], got {self.label_dropout}")
+        self._masker = model  # masking_input_tokens uses no parameter
+        return model.train()
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        if hasattr(model, "model"):  # ImageBert: the BERT layers
+            return list(model.model.encoder.layer)
+        return [*model.in_blocks, model.mid_block, *model.out_blocks]
+
+    def build_frozen(self) -> None:
+        if self.cfg.samples.interval and self.cfg.samples.prompts and self.cfg.model.tokenizer:
+            self._tokenizer()  # a missing or mismatched tokenizer fails here, before training
+
+    # ---- data ----
+    def decode_sample(self, sample: dict, rng: np.random.Generator) -> dict:
+        from tatitok_fast.token_shards import decode_class_token_sample
+
+        out = decode_class_token_sample(sample, num_tokens=self.num_tokens, codebook_size=self.codebook_size,
+                                        num_classes=self.num_classes)
+        out["label"] = torch.tensor(out["label"], dtype=torch.long)
+        return out
+
+    def batch_transform(self, batch: dict) -> dict:
+        tokens, labels = batch["tokens"], batch["label"]
+        cpu = tokens.cpu()
+        ids, masks = [], []
+        for i, g in enumerate(per_sample_generators(batch["__seed__"], SALT_MASK)):
+            masked, m = self._masker.masking_input_tokens(cpu[i: i + 1], generator=g)  # the official draws
+            ids.append(masked)
+            masks.append(m)
+        drop = torch.tensor([bool(torch.rand(1, generator=g) < self.label_dropout)
+                             for g in per_sample_generators(batch["__seed__"], SALT_DROP)])
+        batch["input_ids"] = torch.cat(ids).to(tokens.device)
+        batch["masks"] = torch.cat(masks).to(tokens.device)
+        batch["label_dropped"] = drop.to(labels.device)
+        batch["condition"] = torch.where(batch["label_dropped"], self.num_classes, labels)  # C: the class-drop label
+        return batch
+
+    # ---- step ----
+    def forward_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
+        from tatitok_fast.losses.generator import masked_token_loss
+
+        logits = model(batch["input_ids"], batch["condition"], cond_drop_prob=0.0)  # (B, N, K)
+        loss, metrics = masked_token_loss(logits.float(), batch["tokens"], batch["masks"],
+                                          self.cfg.loss.label_smoothing, self.cfg.loss.unmasked_weight)
+        metrics.pop("loss", None)
+        metrics["label_dropped"] = batch["label_dropped"].float().mean()
+        return StepOutput(loss, metrics)
+
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """6 x block params x (N + 1) + attention + the lm_head: an estimate for MFU."""
+        n = self.num_tokens + 1
+        params = sum(p.numel() for blk in self.blocks(model) for p in blk.parameters() if p.dim() == 2)
+        attn = 12 * len(self.blocks(model)) * model.hidden_size * n ** 2
+        return 6.0 * params * n + attn + 6.0 * self.num_tokens * model.hidden_size * self.codebook_size
+
+    # ---- outputs ----
+    def log_samples(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        """Images of the classes in samples.prompts (class ids) with the EMA weights and the
+        config's sampling settings (official training: guidance 4.5 constant, temperature 1.0,
+        8 steps), decoded by model.tokenizer (a TiTok preset, Hub id or export)."""
+        classes = self.cfg.samples.prompts
+        if not classes or not self.cfg.model.tokenizer:
+            return {}
+        if not all(isinstance(c, int) and 0 <= c < self.num_classes for c in classes):
+            raise ConfigError(f"samples.prompts: the maskgit recipe samples class ids in [0, {self.num_classes}), "
+                              f"got {classes}")
+        gen_cfg = model.config["model"]["generator"]
+        gen = torch.Generator(self.device).manual_seed(self.cfg.training.seed)
+        ids = model.generate(torch.tensor(classes, device=self.device),
+                             guidance_scale=float(gen_cfg.get("guidance_scale", 4.5)),
+                             guidance_decay=gen_cfg.get("guidance_decay", "constant"),
+                             randomize_temperature=float(gen_cfg.get("randomize_temperature", 1.0)),
+                             num_sample_steps=self.cfg.samples.steps or int(gen_cfg.get("num_steps", 8)),
+                             generator=gen, use_cuda_graph=False)
+        tok = self._tokenizer()
+        return {"generated": tok.detokenize(ids.view(ids.shape[0], 1, -1)).float().clamp(0, 1)}
+
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            from tatitok_fast import TiTok
+
+            self._tok = TiTok.from_pretrained(self.cfg.model.tokenizer, device=self.device).eval()
+            if self._tok.codebook_size != self.codebook_size or self._tok.num_latent_tokens != self.num_tokens:
+                raise ConfigError(f"model.tokenizer {self.cfg.model.tokenizer}: makes {self._tok.num_latent_tokens} "
+                                  f"tokens of {self._tok.codebook_size} codes, the generator models "
+                                  f"{self.num_tokens} of {self.codebook_size}")
+        return self._tok

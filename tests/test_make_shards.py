@@ -1,0 +1,155 @@
+"""`tatitok-fast make-shards` on small class folders, run as a user runs it (a subprocess):
+every image lands in exactly one sample with the label of its folder (sorted order, the
+mapping in classes.json), JPEG bytes copied unchanged; killed half-way (SIGKILL) and rerun:
+finished shards are kept untouched, the rest is written, and every image is there exactly once;
+--workers and --part-index/--num-parts write the same shards as one process; bad input is an
+`error:` line with exit 2."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tatitok_fast.training.data import read_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["n01440764", "n01443537", "n02102040"]
+
+
+def make_class_folder(root: Path, per_class: int, size: int = 32, seed: int = 0) -> dict[str, int]:
+    """ImageNet-style train/<wnid>/*.JPEG (and some .png) of random pixels -> {relative path: class}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c, name in reversed(list(enumerate(CLASSES))):  # created out of order: the index is the sorted order
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            ext = ".JPEG" if i % 3 else ".png"
+            img.save(root / name / f"{name}_{i}{ext}", format="JPEG" if ext == ".JPEG" else "PNG")
+            out[f"{name}/{name}_{i}{ext}"] = c
+    (root / CLASSES[0] / f"{CLASSES[0]}_1.txt").write_text("a tench")
+    return out
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tatitok_fast.cli", "make-shards", *args, "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def read_all(out: Path) -> list[dict]:
+    return [s for p in sorted(out.glob("shard-*.tar")) for s in read_shard(str(p))]
+
+
+def check_every_image_once(src: Path, out: Path, truth: dict[str, int]) -> None:
+    samples = read_all(out)
+    sources = [json.loads(s["json"])["source"] for s in samples]
+    assert sorted(sources) == sorted(truth), "every image exactly once"
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    assert json.loads((out / "classes.json").read_text()) == {n: i for i, n in enumerate(CLASSES)}
+    for s, rel in zip(samples, sources):
+        assert int(s["cls"]) == truth[rel], rel
+        if rel.endswith(".JPEG"):
+            assert s["jpg"] == (src / rel).read_bytes(), rel  # copied, not re-encoded
+        else:
+            assert Image.open(io.BytesIO(s["jpg"])).format == "JPEG"
+        assert ("txt" in s) == rel.endswith(f"{CLASSES[0]}_1.JPEG")
+
+
+def test_class_folder_to_labelled_shards(tmp_path):
+    src, out = tmp_path / "train", tmp_path / "shards"
+    truth = make_class_folder(src, per_class=4)
+    proc = run(str(src), "-o", str(out), "--shard-size", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("shard-*.tar"))) == 3  # 12 images / 5
+    check_every_image_once(src, out, truth)
+    assert [s["txt"] for s in read_all(out) if "txt" in s] == [b"a tench"]
+
+
+def test_killed_half_way_and_rerun(tmp_path):
+    """SIGKILL once two shards are finished; the rerun keeps them byte for byte (same mtime
+    and content), redoes the partial one, and the result holds every image once."""
+    src, out = tmp_path / "train", tmp_path / "shards"
+    truth = make_class_folder(src, per_class=140, size=192)  # 420 images, 84 shards of 5
+    cmd = [sys.executable, "-m", "tatitok_fast.cli", "make-shards", str(src), "-o", str(out), "--shard-size", "5",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while len(list(out.glob("shard-*.tar"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.tar")}
+    assert 2 <= len(finished) < 84, f"not killed half-way: {len(finished)} of 84 shards finished"
+    again = run(str(src), "-o", str(out), "--shard-size", "5")
+    assert again.returncode == 0, again.stderr
+    assert f"{len(finished)} were already finished" in again.stdout
+    for name, (mtime, data) in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime and (out / name).read_bytes() == data, name
+    assert not list(out.glob(".*.partial"))
+    check_every_image_once(src, out, truth)
+
+
+def test_workers_and_parts_write_the_same_shards(tmp_path):
+    src = tmp_path / "train"
+    make_class_folder(src, per_class=5)
+    one, many, parts = tmp_path / "one", tmp_path / "many", tmp_path / "parts"
+    assert run(str(src), "-o", str(one), "--shard-size", "4").returncode == 0
+    assert run(str(src), "-o", str(many), "--shard-size", "4", "--workers", "2").returncode == 0
+    for i in range(2):
+        proc = run(str(src), "-o", str(parts), "--shard-size", "4", "--part-index", str(i), "--num-parts", "2")
+        assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in one.glob("shard-*.tar"))
+    assert len(names) == 4
+    for d in (many, parts):
+        assert sorted(p.name for p in d.glob("shard-*.tar")) == names
+        for n in names:
+            assert (d / n).read_bytes() == (one / n).read_bytes(), (d, n)
+
+
+def test_plain_image_folder_has_no_labels(tmp_path):
+    src, out = tmp_path / "imgs", tmp_path / "shards"
+    (src / "a").mkdir(parents=True)
+    for i, rel in enumerate(["x.png", "a/y.png"]):
+        Image.fromarray(np.full((8, 8, 3), i * 50, dtype=np.uint8)).save(src / rel)
+    proc = run(str(src), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    samples = read_all(out)
+    assert sorted(json.loads(s["json"])["source"] for s in samples) == ["a/y.png", "x.png"]
+    assert not any("cls" in s for s in samples) and not (out / "classes.json").exists()
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "is not a folder"),
+    ("changed", "another listing"),
+    ("labels", "outside the class folders"),
+    ("part", "--part-index"),
+])
+def test_bad_input_is_one_error_line(tmp_path, case, fragment):
+    src, out = tmp_path / "train", tmp_path / "shards"
+    make_class_folder(src, per_class=2, size=8)
+    args = [str(src), "-o", str(out)]
+    if case == "missing":
+        args[0] = str(tmp_path / "nope")
+    elif case == "changed":
+        assert run(*args).returncode == 0
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(src / CLASSES[1] / "extra.png")
+    elif case == "labels":
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(src / "stray.png")
+        args += ["--labels", "folders"]
+    else:
+        args += ["--part-index", "2", "--num-parts", "2"]
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and fragment in proc.stderr.splitlines()[0], proc.stderr
+    assert "Traceback" not in proc.stderr
