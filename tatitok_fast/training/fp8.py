@@ -49,15 +49,13 @@ class FP8Unavailable(RuntimeError):
 # Which projections convert
 
 def _converted_types() -> tuple[type, ...]:
-    """Classes of projections that are already FP8 (never converted twice). TE is looked up
-    only when already imported: importing it needs a GPU driver."""
+    """Classes of projections that are already FP8 (never converted twice). TE and torchao are
+    looked up only when already imported (a model cannot hold their layers otherwise): importing
+    TE needs a GPU driver, and importing torchao logs a torch warning on every run."""
     types: list[type] = [_PaddedRowsMixin]
-    try:
-        from torchao.float8.float8_linear import Float8Linear
-
-        types.append(Float8Linear)
-    except ImportError:
-        pass
+    ao = sys.modules.get("torchao.float8.float8_linear")
+    if ao is not None and hasattr(ao, "Float8Linear"):
+        types.append(ao.Float8Linear)
     te = sys.modules.get("transformer_engine.pytorch")
     if te is not None and hasattr(te, "Linear"):
         types.append(te.Linear)
