@@ -338,6 +338,11 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{name}.betas: expected two numbers in [0, 1), got {o.betas}")
         if o.lr <= 0:
             raise ConfigError(f"{name}.lr: expected > 0, got {o.lr}")
+    if t.nonfinite == "skip":
+        for name in ("optimizer", "aux_optimizer"):
+            if getattr(cfg, name).fused == "off":
+                raise ConfigError(f"{name}.fused: training.nonfinite = 'skip' drops a step inside the fused AdamW "
+                                  "kernel (found_inf); use fused = 'auto' or 'on', or training.nonfinite = 'stop'")
     if not 0 < cfg.ema.decay < 1:
         raise ConfigError(f"ema.decay: expected in (0, 1), got {cfg.ema.decay}")
     if not cfg.model.config:
