@@ -153,3 +153,126 @@ def test_bad_input_is_one_error_line(tmp_path, case, fragment):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and fragment in proc.stderr.splitlines()[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# tokenize: class-labelled token shards (make-shards output, class folders, official jsonl)
+
+@pytest.fixture(scope="module")
+def tiny_titok(tmp_path_factory):
+    """A random tiny single-stage TiTok (16 tokens of 64 codes: the tiny MaskGIT's token space)."""
+    import torch
+
+    from tatitok_fast import TiTok
+    from tatitok_fast.presets import tiny_titok_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("titok") / "tiny_titok"
+    TiTok(tiny_titok_config("vq", tokens=16)).save_pretrained(path)
+    return path
+
+
+def tokenize(*args: str):
+    from tatitok_fast.cli import main
+
+    return main(["tokenize", *args, "--device", "cpu", "--dtype", "fp32", "--no-progress", "--batch-size", "4"])
+
+
+def token_samples(out: Path) -> list[dict]:
+    from tatitok_fast.token_shards import decode_class_token_sample
+
+    raws = [s for p in sorted(out.glob("tokens-*.tar")) for s in read_shard(str(p))]
+    return [{**decode_class_token_sample(r, num_tokens=16, codebook_size=64, num_classes=3),
+             "source": json.loads(r["json"]).get("source", ""), "meta": json.loads(r["json"])} for r in raws]
+
+
+@pytest.mark.parametrize("via", ["shards", "folder"])
+def test_tokenize_labels_from_shards_and_class_folders(tmp_path, tiny_titok, via):
+    """Tokens = the TiTok API's tokens of the same image; class = the image's folder; json records
+    the tokenizer's codebook size and token count."""
+    import torch
+
+    from tatitok_fast import TiTok
+
+    src, shards, out = tmp_path / "train", tmp_path / "shards", tmp_path / "tokens"
+    truth = make_class_folder(src, per_class=3)
+    if via == "shards":
+        assert run(str(src), "-o", str(shards), "--shard-size", "4").returncode == 0
+        inputs = [str(shards / "shard-{000000..000002}.tar")]
+    else:
+        inputs = [str(src)]
+    assert tokenize(*inputs, "--tokenizer", str(tiny_titok), "--labels", "-o", str(out)) == 0
+    got = token_samples(out)
+    assert len(got) == len(truth)
+    model = TiTok.from_pretrained(tiny_titok).eval()
+    for s in got:
+        if via == "folder":
+            rel = Path(s["source"]).relative_to(src).as_posix()
+        else:  # the make-shards sample key -> its source via the image shard's json
+            key = s["source"].rsplit(":", 1)[1].split(".")[0]
+            image_sample = next(x for x in read_all(shards) if x["__key__"] == key)
+            rel = json.loads(image_sample["json"])["source"]
+        assert s["label"] == truth[rel], rel
+        with torch.no_grad():
+            want = model.tokenize([Image.open(src / rel).convert("RGB")]).reshape(-1)
+        assert torch.equal(s["tokens"], want), rel
+        assert s["meta"]["codebook_size"] == 64 and s["meta"]["num_tokens"] == 16
+
+
+def test_tokenize_labels_refuses_unlabelled_inputs(tmp_path, tiny_titok, capsys):
+    src, shards = tmp_path / "imgs", tmp_path / "shards"
+    src.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(src / "x.png")
+    assert run(str(src), "-o", str(shards)).returncode == 0  # no classes: no .cls
+    assert tokenize(str(shards / "shard-000000.tar"), "--tokenizer", str(tiny_titok), "--labels",
+                    "-o", str(tmp_path / "t")) != 0
+    assert "no class label" in capsys.readouterr().err
+
+
+def test_tokenize_from_official_jsonl(tmp_path):
+    """The official pretokenization format -> class-labelled token shards with the same ids."""
+    rows = [{"class_id": i % 3, "tokens": [(7 * i + j) % 64 for j in range(16)]} for i in range(7)]
+    jsonl = tmp_path / "pretokenized.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "tokens"
+    assert tokenize("--from-jsonl", str(jsonl), "--codebook-size", "64", "-o", str(out), "--shard-size", "3") == 0
+    assert len(list(out.glob("tokens-*.tar"))) == 3
+    got = token_samples(out)
+    assert [s["label"] for s in got] == [r["class_id"] for r in rows]
+    assert [s["tokens"].tolist() for s in got] == [r["tokens"] for r in rows]
+
+
+@pytest.mark.parametrize("line, args, fragment", [
+    ('{"class_id": 1, "tokens": [1, 2, 99]}', ["--codebook-size", "64"], "[0, 64)"),
+    ('{"class": 1, "tokens": [1, 2]}', ["--codebook-size", "64"], "class_id"),
+    ('{"class_id": 1, "tokens": [1, 2]}', [], "--codebook-size"),
+])
+def test_tokenize_jsonl_errors(tmp_path, capsys, line, args, fragment):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(line + "\n")
+    assert tokenize("--from-jsonl", str(jsonl), *args, "-o", str(tmp_path / "o")) != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and fragment in err, err
+
+
+def test_pipeline_class_folder_to_maskgit_samples(tmp_path, tiny_titok):
+    """make-shards -> tokenize --labels -> `tatitok-fast train` maskgit_tiny with sample grids
+    decoded by the same TiTok: the run writes its grid (4 classes, TiTok's 32 px images) and an
+    export."""
+    from tatitok_fast.cli import main
+
+    src, shards, tokens, run_dir = (tmp_path / n for n in ("train", "shards", "tokens", "run"))
+    make_class_folder(src, per_class=4)
+    assert run(str(src), "-o", str(shards), "--shard-size", "6").returncode == 0
+    assert tokenize(str(shards / "shard-{000000..000001}.tar"), "--tokenizer", str(tiny_titok), "--labels",
+                    "-o", str(tokens)) == 0
+    rc = main(["train", "--config", str(ROOT / "training" / "recipes" / "maskgit_tiny.toml"),
+               "--data.shards", str(tokens / "tokens-000000.tar"), "--job.dump_folder", str(run_dir),
+               "--data.num_workers", "0", "--data.shuffle_buffer", "0", "--training.local_batch_size", "4",
+               "--training.steps", "2", "--checkpoint.enable", "false", "--metrics.progress", "false",
+               "--metrics.enable_tensorboard", "false", "--model.tokenizer", str(tiny_titok),
+               "--samples.interval", "2"])
+    assert rc == 0
+    grid = Image.open(run_dir / "samples" / "generated-step-2.png")
+    assert grid.size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # make_grid: 4 images of 32 px, 2 px padding
+    assert (run_dir / "export" / "step-2" / "model.safetensors").is_file()
