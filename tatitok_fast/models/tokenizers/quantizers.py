@@ -119,10 +119,11 @@ class DiagonalGaussianDistribution:
     encode() returns; sample() draws fresh noise each call, as the reference does.
     """
 
-    def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, noise: torch.Tensor | None = None):
+        """noise: optional (B, C, H, W) standard-normal noise of `first_sample` (else drawn)."""
         self.parameters = parameters
         self.deterministic = deterministic
-        self.first_sample, self.mean, self.std, self._kl = _kl_sample(parameters, deterministic)
+        self.first_sample, self.mean, self.std, self._kl = _kl_sample(parameters, deterministic, noise=noise)
 
     @property
     def logvar(self) -> torch.Tensor:
@@ -143,7 +144,7 @@ class DiagonalGaussianDistribution:
         return self._kl
 
 
-def _kl_sample(parameters, deterministic, generator=None):
+def _kl_sample(parameters, deterministic, generator=None, noise=None):
     if ops.use_fused("kl_sample", parameters.device):
-        return ops.kl_sample(parameters, None, deterministic, generator)
-    return kl_sample_ref(parameters, None, deterministic)
+        return ops.kl_sample(parameters, noise, deterministic, generator)
+    return kl_sample_ref(parameters, noise, deterministic)

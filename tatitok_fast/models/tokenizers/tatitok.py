@@ -111,12 +111,16 @@ class TATiTok(PretrainedModel):
         self.decoder.transformer.grad_checkpointing = enable
 
     # ---- the reference's surface ----
-    def encode(self, x: torch.Tensor):
+    def encode(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """noise (KL only): optional (B, C, 1, N) standard-normal noise of the posterior sample
+        (training draws it per sample, so that any number of processes draws the same)."""
         check_images(x, self.image_size, "TATiTok")
         z = self.encoder(pixel_values=x, latent_tokens=self.latent_tokens)
         if self.quantize_mode == "vq":
+            if noise is not None:
+                raise ValueError("noise: a VQ tokenizer draws no posterior sample")
             return self.quantize(z)
-        posterior = DiagonalGaussianDistribution(z)
+        posterior = DiagonalGaussianDistribution(z, noise=noise)
         return posterior.first_sample, posterior
 
     def decode(self, z_quantized: torch.Tensor, text_guidance: torch.Tensor) -> torch.Tensor:
@@ -130,8 +134,8 @@ class TATiTok(PretrainedModel):
             z = check_latents(tokens, self.token_size, self.num_latent_tokens)
         return self.decode(z, text_guidance)
 
-    def forward(self, x: torch.Tensor, text_guidance: torch.Tensor):
-        z, result = self.encode(x)
+    def forward(self, x: torch.Tensor, text_guidance: torch.Tensor, noise: torch.Tensor | None = None):
+        z, result = self.encode(x, noise)
         return self.decode(z, text_guidance), result
 
     # ---- high-level API ----

@@ -23,9 +23,10 @@ from tatitok_fast.losses.tokenizer import TokenizerLoss, TokenizerLossConfig
 from tatitok_fast.training.config import ConfigError
 from tatitok_fast.training.data import decode_image
 from tatitok_fast.training.recipes import common
-from tatitok_fast.training.spec import Recipe, StepOutput
+from tatitok_fast.training.spec import Recipe, StepOutput, per_sample_generators
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SALT_POSTERIOR = 21  # the KL posterior's sample noise
 
 
 def caption_of(sample: dict) -> str:
@@ -68,6 +69,7 @@ class TATiTokRecipe(Recipe):
         model = common.build(TATiTok, common.model_config(self.cfg.model, "tokenizer"), self.cfg)
         self.mode, self.crop = model.quantize_mode, self.cfg.data.crop_size or model.image_size
         self.codebook_size = model.codebook_size  # kept: forward_loss gets the DDP wrapper, not the model
+        self.latent_shape = (model.token_size, 1, model.num_latent_tokens)  # (C, 1, N)
         if self.crop != model.image_size:
             raise ConfigError(f"data.crop_size: {self.crop} differs from the model's crop_size {model.image_size}")
         return model.train()
@@ -101,6 +103,10 @@ class TATiTokRecipe(Recipe):
 
     def batch_transform(self, batch: dict) -> dict:
         batch["guidance"] = self.text(batch["text"]).guidance.float().to(self.device)  # (B, 77, W)
+        if self.mode == "vae":  # per-sample posterior noise (B, C, 1, N): the same draws at any world size
+            batch["posterior_noise"] = torch.stack([torch.randn(self.latent_shape, generator=g) for g in
+                                                    per_sample_generators(batch["__seed__"], SALT_POSTERIOR)]
+                                                   ).to(self.device)
         if self._preview is None:  # a fixed batch for the reconstruction grids
             self._preview = batch["image"][: self.cfg.samples.num].detach().clone()
             self._preview_guidance = batch["guidance"][: self.cfg.samples.num].clone()
@@ -109,7 +115,7 @@ class TATiTokRecipe(Recipe):
     # ---- step ----
     def forward_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
         x = batch["image"]
-        recon, extra = model(x, batch["guidance"])
+        recon, extra = model(x, batch["guidance"], batch.get("posterior_noise"))
         loss, logs = self.loss_module.generator_loss(x, recon.float(), extra, step)
         logs = {k: v for k, v in logs.items() if k != "total_loss"}
         if self.mode == "vq" and isinstance(extra, dict) and "min_encoding_indices" in extra:
