@@ -1,10 +1,9 @@
 """The tiny recipes on 2 gloo ranks, under DDP and under FSDP2, give the losses of one
 process on the same global batch (data.split = sample: each rank keeps every other sample of
-the one stream). TA-TiTok VQ (clustering VQ) and TA-TiTok KL (per-sample posterior noise)
+the one stream). TA-TiTok VQ (clustering VQ), TA-TiTok KL (per-sample posterior noise) and
+MaskGen KL (per-sample posterior noise, orders and DiffLoss draws, one masking rate per step)
 here; MaskGen VQ: tests/training/test_engine.py (test_ddp_two_ranks_match_one_process,
-test_fsdp_two_ranks_match_one_process_across_a_resume). MaskGen KL is not world-size
-invariant yet: its forward draws the posterior noise, the orders, one masking rate per batch
-and DiffLoss's t and noise from each rank's global generator."""
+test_fsdp_two_ranks_match_one_process_across_a_resume)."""
 from __future__ import annotations
 
 import json
@@ -30,7 +29,7 @@ def recipe_argv(name: str, data: dict, run: Path, batch: int) -> list[str]:
     if name.startswith("tatitok"):
         return tatitok_argv(name.split("_")[1], data["images"], run, *STEPS, "--optimizer.lr", "3e-3",
                             "--training.local_batch_size", str(batch))
-    return argv(data["shards"], name.split("_")[1], run, *DIST_COMMON, *STEPS, "--training.local_batch_size",
+    return argv(data["shards"], {"vq": "vq", "kl": "vae"}[name.split("_")[1]], run, *DIST_COMMON, *STEPS, "--training.local_batch_size",
                 str(batch))
 
 
@@ -57,7 +56,7 @@ def one_process(data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name", ["tatitok_vq", "tatitok_vae"])
+@pytest.mark.parametrize("name", ["tatitok_vq", "tatitok_vae", "maskgen_kl"])
 def test_two_ranks_match_one_process(data, one_process, tmp_path, name, mode):
     run = tmp_path / mode
     launch(2, recipe_argv(name, data, run, 4) + ["--parallelism.mode", mode])

@@ -146,7 +146,8 @@ class MaskGen_KL(_MaskGenBase):
         return self.patchify(sample * self.vae_scale_factor)
 
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     generator: torch.Generator | None = None):
+                     generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                     noise: torch.Tensor | None = None):
         """DiffLoss over every token (B*N rows, repeated diffusion_batch_mul times), averaged over
         the masked ones. z (B, N, D), target (B, N, C), mask (B, N) -> (loss, {"diff_loss"}).
         The reference also passes the pooled text condition, which its DiffLoss rejects
@@ -154,24 +155,31 @@ class MaskGen_KL(_MaskGenBase):
         b, n, _ = target.shape
         m = self.diffusion_batch_mul
         return self.diffloss(target.reshape(b * n, -1).repeat(m, 1), z.reshape(b * n, -1).repeat(m, 1),
-                             mask.reshape(b * n).repeat(m), generator=generator)
+                             mask.reshape(b * n).repeat(m), generator=generator, **_given(t=t, noise=noise))
 
-    def forward(self, imgs, condition, condition_pooled, aes_score=None, generator: torch.Generator | None = None):
+    def forward(self, imgs, condition, condition_pooled, aes_score=None, generator: torch.Generator | None = None,
+                *, noise: torch.Tensor | None = None, orders: torch.Tensor | None = None,
+                mask_t: torch.Tensor | float | None = None, diff_t: torch.Tensor | None = None,
+                diff_noise: torch.Tensor | None = None):
         """Training loss. imgs: (B, 2C, 1, N) tokenizer posterior parameters (mean, logvar);
         condition (B, 77, W), condition_pooled (B, 1, W) raw CLIP states; aes_score (B,).
         generator: draws the posterior noise, the orders, the masking rate and DiffLoss's t and
-        noise (default: torch's global generators). Returns (loss, {"diff_loss": ...})."""
+        noise (default: torch's global generators). Returns (loss, {"diff_loss": ...}).
+        Draws given instead (training passes per-sample ones, the same at any world size):
+        noise (B, C, 1, N), orders (B, N), mask_t (the rate's U(0, 1) draw), diff_t
+        (m*B*N,) and diff_noise (m*B*N, C) in DiffLoss's row order (m = diffusion_batch_mul)."""
         b = imgs.shape[0]
         expected = (2 * self.vae_embed_dim, 1, self.seq_len)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected or not imgs.is_floating_point():
             raise ValueError(f"imgs: expected posterior parameters (B, {', '.join(map(str, expected))}) as floats, "
                              f"got {imgs.dtype} {tuple(imgs.shape)}")
         condition, condition_pooled = self.project_conditions(condition, condition_pooled, aes_score)
-        x = self.sample_latents(imgs, generator)  # (B, N, C)
-        orders = self.sample_orders(b, imgs.device, generator)  # (B, N)
-        mask = self.random_masking(orders, generator).to(imgs.device)  # (B, N) 1 = masked
+        x = self.sample_latents(imgs, generator, **_given(noise=noise))  # (B, N, C)
+        if orders is None:
+            orders = self.sample_orders(b, imgs.device, generator)  # (B, N)
+        mask = self.random_masking(orders, generator, **_given(t=mask_t)).to(imgs.device)  # (B, N) 1 = masked
         z = self.forward_mae_decoder(x, mask, condition, condition_pooled)  # (B, N, D)
-        return self.forward_loss(z, x.detach(), mask, generator)
+        return self.forward_loss(z, x.detach(), mask, generator, diff_t, diff_noise)
 
     # ---- sampling ----
     def sampling_schedule(self, num_iter: int, cfg: float, cfg_schedule: str) -> list[KLStep]:
@@ -252,3 +260,8 @@ class MaskGen_KL(_MaskGenBase):
         key = graph_key("kl", bsz, tuple(schedule), float(temperature), use_cfg, dtype)
         return self._graphs(key, lambda c, p, o: self._sample_loop(c, p, o, schedule, temperature, use_cfg, None),
                             [condition, condition_pooled, orders], module=self)
+
+
+def _given(**draws) -> dict:
+    """The draws a caller passed (None: drawn by the callee)."""
+    return {k: v for k, v in draws.items() if v is not None}

@@ -23,7 +23,7 @@ from tatitok_fast.training.config import opt
 from tatitok_fast.training.recipes import common
 from tatitok_fast.training.spec import Recipe, StepOutput, per_sample_generators
 
-SALT_MASK, SALT_DROP = 1, 2
+SALT_MASK, SALT_DROP, SALT_KL, SALT_RATE = 1, 2, 3, 4
 
 
 @dataclass
@@ -51,6 +51,9 @@ class MaskGenRecipe(Recipe):
         self.num_tokens = model.image_seq_len if self.mode == "vq" else model.seq_len
         self.codebook_size = getattr(model, "target_codebook_size", None)
         self.token_size = None if self.mode == "vq" else model.token_embed_dim
+        if self.mode == "vae":  # what _kl_draws draws: DiffLoss's repeat count and timesteps
+            self.diffusion_mul = model.diffusion_batch_mul
+            self.timesteps = model.diffloss.train_diffusion.num_timesteps
         p = self.cfg.loss.text_drop_prob
         self.text_drop_prob = model.text_drop_prob if p < 0 else p
         return model.train()
@@ -88,7 +91,23 @@ class MaskGenRecipe(Recipe):
         batch["text_dropped"] = drop
         if self.mode == "vq":
             batch["masks"] = self._vq_masks(batch["__seed__"], self.num_tokens).to(cond.device)
+        else:
+            batch.update({k: v.to(cond.device) for k, v in self._kl_draws(batch["__seed__"]).items()})
         return batch
+
+    def _kl_draws(self, seeds) -> dict[str, torch.Tensor]:
+        """MaskGen-KL's training draws per sample (the model would draw them per rank from
+        the global generator): posterior noise (B, C, 1, N), orders (B, N), DiffLoss's t and
+        noise in its row order (m copies of the B*N tokens: (m*B*N,), (m*B*N, C))."""
+        n, c, m = self.num_tokens, self.token_size, self.diffusion_mul
+        noise, orders, t, eps = [], [], [], []
+        for g in per_sample_generators(seeds, SALT_KL):
+            noise.append(torch.randn(c, 1, n, generator=g))
+            orders.append(torch.rand(n, generator=g).argsort())
+            t.append(torch.randint(0, self.timesteps, (m, n), generator=g))
+            eps.append(torch.randn(m, n, c, generator=g))
+        return {"kl_noise": torch.stack(noise), "kl_orders": torch.stack(orders),
+                "diff_t": torch.stack(t, 1).reshape(-1), "diff_noise": torch.stack(eps, 1).reshape(-1, c)}
 
     def _vq_masks(self, seeds, n: int) -> torch.Tensor:
         """(B, N) bool: per sample t ~ U(0, 1), ratio = arccos schedule, round(N * ratio) >= 1
@@ -115,7 +134,12 @@ class MaskGenRecipe(Recipe):
                                               self.cfg.loss.unmasked_weight)
             metrics.pop("loss", None)
         else:
-            loss, metrics = model(batch["tokens"], batch["condition"], batch["condition_pooled"], aes)
+            # one masking rate per step (officially per batch), the same on every rank
+            rate = per_sample_generators([self.cfg.training.seed * 1_000_003 + step], SALT_RATE)[0]
+            loss, metrics = model(batch["tokens"], batch["condition"], batch["condition_pooled"], aes,
+                                  noise=batch["kl_noise"], orders=batch["kl_orders"],
+                                  mask_t=torch.rand(1, generator=rate), diff_t=batch["diff_t"],
+                                  diff_noise=batch["diff_noise"])
             metrics = {k: v for k, v in metrics.items() if k != "loss"}
         metrics["text_dropped"] = batch["text_dropped"].float().mean()
         return StepOutput(loss, metrics)
