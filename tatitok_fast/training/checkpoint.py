@@ -123,8 +123,11 @@ class _SafeReader(FileSystemReader):
             raise OSError(f"{path.name} does not read ({type(exc).__name__}: {exc})") from None
         if not isinstance(metadata, Metadata):
             raise ResumeError(f"{path}: refused (a {type(metadata).__name__}, not DCP metadata)")
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
