@@ -64,6 +64,10 @@ def _tokenizer_loss(case, root):
 
 
 def step_fn(case, path: str):
+    if case.cfg.job.recipe == "titok":
+        from tatitok_fast.benchmarks.official_titok_training import titok_step_fn
+
+        return titok_step_fn(case, path)
     off = import_official(path)
     dev, b = case.device, case.batch
     kind = case.cfg.job.recipe

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recipe_path(name: str, quick: bool) -> Path:
+    if quick and not name.endswith(".toml") and "tiny" not in name and name.startswith("titok"):
+        name = "titok_tiny_stage1" if "stage1" in name else "titok_tiny_stage2" if "stage2" in name else "titok_vq_tiny"
     if quick and not name.endswith(".toml") and "tiny" not in name:
         name = "tatitok_vq_tiny" if name.startswith("tatitok") else ("maskgen_kl_tiny" if "_kl" in name
                                                                        else "maskgen_vq_tiny")
@@ -54,11 +56,16 @@ class Step:
         if batch:
             over += ["--training.local_batch_size", str(batch)]
         if quick:  # the tiny presets' official ViT sizes (the official code knows no "tiny" ViT)
-            over += ["--model.overrides", "{}"]
+            over += ["--model.overrides", '{"model.vq_model.vit_enc_model_size": "small", '
+                     '"model.vq_model.vit_dec_model_size": "small"}' if "titok" in path.stem else "{}"]
         cfg = load_config(path, over)
         if cfg.job.recipe == "tatitok":  # timing: every official term on, random weights (no files needed)
             cfg.loss.discriminator_start, cfg.loss.perceptual_weights = 0, "random"
             cfg.loss.perceptual_loss = "lpips-convnext_s-1.0-0.1"
+        if cfg.job.recipe == "titok":  # timing: the GAN on, random perceptual nets and VQGAN (no files)
+            cfg.loss.discriminator_start, cfg.loss.perceptual_weights, cfg.loss.vqgan_weights = 0, "random", "random"
+            if cfg.loss.perceptual_loss == "none":  # a tiny recipe: the full recipes' term
+                cfg.loss.perceptual_loss = "convnext_s" if "stage2" in path.stem else "lpips-convnext_s-1.0-0.1"
         self.cfg, self.device = cfg, torch.device(device)
         self.recipe = recipe_class(cfg.job.recipe)(cfg, self.device)
         torch.manual_seed(0)
@@ -73,6 +80,10 @@ class Step:
         g = torch.Generator().manual_seed(0)
         b, dev, r = self.batch_size, self.device, self.recipe
         width = self.model.config["model"]["vq_model"].get("text_embed_dim", 768)
+        if self.cfg.job.recipe == "titok":
+            from tatitok_fast.benchmarks.official_titok_training import titok_batch
+
+            return titok_batch(self, g)
         if self.cfg.job.recipe == "tatitok":
             s = self.model.image_size
             return {"image": torch.rand(b, 3, s, s, generator=g).to(dev),

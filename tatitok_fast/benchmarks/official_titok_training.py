@@ -1,0 +1,96 @@
+"""The official TiTok training steps (scripts/train_titok.py) on a benchmark case of the
+`titok` recipe: the same config, weights and synthetic batch as ours.
+
+    stage 1: TiTok(x) -> logits (B, 1024, G, G) -> ReconstructionLoss_Stage1(codes, logits, q)
+    stage 2 / single-stage: TiTok(x) -> images -> ReconstructionLoss_Stage2 /
+        ReconstructionLoss_Single_Stage (generator, then discriminator with its own AdamW)
+
+The MaskGIT-VQGAN's target codes are part of the synthetic batch (the frozen helper runs
+outside the timed step on both sides, as the text tower does for TA-TiTok); fp16 autocast with
+a GradScaler on CUDA (the configs' mixed_precision), bf16 autocast on CPU; perceptual
+networks with random weights (official_training.offline_perceptual).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tatitok_fast.benchmarks.official import import_official, official_model
+
+
+def titok_batch(case, g: torch.Generator) -> dict:
+    """Images (B, 3, S, S) in [0, 1] and, for stage 1, random VQGAN codes (B, G*G)."""
+    b, s, dev = case.batch_size, case.model.image_size, case.device
+    out = {"image": torch.rand(b, 3, s, s, generator=g).to(dev)}
+    if case.recipe.stage == "stage1":
+        out["codes"] = torch.randint(0, 1024, (b, (s // 16) ** 2), generator=g).to(dev)
+    return out
+
+
+def _loss(case, root, stage: str):
+    from omegaconf import OmegaConf
+
+    import modeling.modules.lpips  # noqa: F401  (patched while the loss is built)
+    from modeling.modules import losses
+
+    from tatitok_fast.benchmarks.official_training import offline_perceptual
+
+    c = case.cfg.loss
+    cfg = OmegaConf.create({"model": case.model.config["model"], "losses": {
+        "quantizer_weight": c.quantizer_weight, "reconstruction_loss": c.reconstruction_loss,
+        "reconstruction_weight": c.reconstruction_weight, "perceptual_loss": c.perceptual_loss,
+        "perceptual_weight": c.perceptual_weight, "discriminator_start": c.discriminator_start,
+        "discriminator_factor": c.discriminator_factor, "discriminator_weight": c.discriminator_weight,
+        "lecam_regularization_weight": c.lecam_regularization_weight, "lecam_ema_decay": c.lecam_ema_decay,
+        "kl_weight": c.kl_weight, "logvar_init": c.logvar_init}})
+    if stage == "stage1":
+        return losses.ReconstructionLoss_Stage1(cfg)
+    cls = losses.ReconstructionLoss_Stage2 if stage == "stage2" else losses.ReconstructionLoss_Single_Stage
+    with offline_perceptual():
+        return cls(cfg)
+
+
+def titok_step_fn(case, path: str):
+    off = import_official(path)
+    from modeling.titok import TiTok
+
+    dev, b, stage = case.device, case.batch, case.recipe.stage
+    model = official_model(TiTok, case.model).train()
+    for name, p in model.named_parameters():  # the official freezing (TiTok.__init__ / stage 2)
+        p.requires_grad_(stage != "stage2" or not name.startswith(("encoder.", "quantize.", "latent_tokens")))
+    loss_module = _loss(case, off.root, stage).to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=case.cfg.optimizer.lr, betas=tuple(case.cfg.optimizer.betas),
+                            weight_decay=case.cfg.optimizer.weight_decay)
+    d_opt = torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr) if stage != "stage1" else None
+    cuda = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    amp = dict(device_type=dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
+
+    def backward_step(loss, ps, optimizer):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        nn.utils.clip_grad_norm_(ps, 1.0)
+        (scaler.step(optimizer) if scaler is not None else optimizer.step())
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        with torch.autocast(**amp):
+            out, extra = model(b["image"])
+            if stage == "stage1":
+                loss, _ = loss_module(b["codes"], out, extra)
+            else:
+                loss, _ = loss_module(b["image"], out, extra, 1, mode="generator")
+        backward_step(loss, params, opt)
+        if d_opt is not None:
+            with torch.autocast(**amp):
+                d_loss, _ = loss_module(b["image"], out, extra, 1, mode="discriminator")
+            backward_step(d_loss, list(loss_module.parameters()), d_opt)
+        return loss.detach()
+
+    return step
