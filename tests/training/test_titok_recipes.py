@@ -240,3 +240,35 @@ def test_missing_vqgan_weights_offline(capsys, images, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     err = cli_train(capsys, "titok_tiny_stage1", images, tmp_path / "run", "--loss.vqgan_weights", "pretrained")
     assert "maskgit-vqgan-imagenet-f16-256.bin" in err and "fun-research/TiTok" in err
+
+
+def test_stage2_starting_weights(images, tmp_path):
+    """From a stage-1 export + a VQGAN file: stage-1 weights and the VQGAN's decoder / codebook
+    as pixel_*; from a complete two-stage TiTok (an official checkpoint's layout, or our stage-2
+    export): every weight, strictly (fine-tuning)."""
+    from tatitok_fast import MaskGITVQGAN, TiTok
+    from tatitok_fast.training.config import load_config
+    from tatitok_fast.training.recipes.titok import TINY, TiTokRecipe
+
+    def start(init_from, *extra):
+        cfg = load_config(RECIPES / "titok_tiny_stage2.toml", ["--model.init_from", str(init_from),
+                                                               "--data.shards", images[0], *extra])
+        return TiTokRecipe(cfg, torch.device("cpu")).build_model().state_dict()
+
+    torch.manual_seed(3)
+    stage1 = TiTok(TINY["tiny_titok_stage1"]())
+    stage1.save_pretrained(tmp_path / "stage1")
+    vqgan = MaskGITVQGAN().state_dict()
+    torch.save(vqgan, tmp_path / "maskgit-vqgan-imagenet-f16-256.bin")
+    got = start(tmp_path / "stage1", "--loss.vqgan_weights", str(tmp_path))
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(got[k], v), k
+    for k, v in vqgan.items():
+        if k.startswith(("decoder.", "quantize.")):
+            assert torch.equal(got["pixel_" + k], v), k
+
+    two_stage = TiTok(TINY["tiny_titok_stage2"]())
+    two_stage.save_pretrained(tmp_path / "two_stage")
+    got = start(tmp_path / "two_stage")
+    for k, v in two_stage.state_dict().items():
+        assert torch.equal(got[k], v), k
