@@ -6,11 +6,14 @@ clipping, AdamW, under autocast fp16 with a GradScaler on CUDA (its configs'
 Patches for running it at all (peer/README.md, TRAINING.md §0): MaskGen-KL's forward passes
 `text_condition` to a DiffLoss that rejects it (dropped here), and draws its orders with a
 hard-coded `.cuda()` (replaced on CPU); the loss module's pretrained perceptual networks are
-built with random weights (the same compute) so nothing is downloaded.
+built with random weights (the same compute) so nothing is downloaded. The MaskGIT step
+imports modeling.maskgit (needs transformers).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import sys
 from types import SimpleNamespace
 
@@ -63,6 +66,40 @@ def _tokenizer_loss(case, root):
         return ReconstructionLoss_Single_Stage(cfg)
 
 
+def _maskgit_step(case, off):
+    """The official scripts/train_maskgit.py step: masking_input_tokens, forward with label
+    dropout 0.1, MLMLoss, under autocast bf16 (its config's mixed_precision) without a scaler."""
+    import modeling.maskgit as maskgit
+    from modeling.modules.losses import MLMLoss
+
+    from tatitok_fast.training.recipes.maskgit import official_state_dict
+
+    cls = maskgit.UViTBert if case.model.config["model"]["generator"]["model_type"] == "UViT" else maskgit.ImageBert
+    with contextlib.redirect_stdout(io.StringIO()):  # not on meta: HF BERT's position_ids buffers are made at init
+        model = cls(copy.deepcopy(case.model.config))
+    model.load_state_dict(official_state_dict(case.model), strict=True)  # the trained model keeps a fused qkv
+    model = model.to(case.device).train()
+    loss_module = MLMLoss(_config(case, label_smoothing=case.cfg.loss.label_smoothing,
+                                  loss_weight_unmasked_token=case.cfg.loss.unmasked_weight))
+    opt = torch.optim.AdamW(model.parameters(), lr=case.cfg.optimizer.lr, betas=tuple(case.cfg.optimizer.betas),
+                            weight_decay=case.cfg.optimizer.weight_decay)
+    b, dev = case.batch, case.device
+    drop = case.recipe.label_dropout
+
+    def step():
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
+            masked, masks = model.masking_input_tokens(b["tokens"])
+            logits = model(masked, b["label"].clone(), cond_drop_prob=drop)
+            loss, _ = loss_module(logits, b["tokens"], weights=masks)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
 def step_fn(case, path: str):
     if case.cfg.job.recipe == "titok":
         from tatitok_fast.benchmarks.official_titok_training import titok_step_fn
@@ -71,6 +108,8 @@ def step_fn(case, path: str):
     off = import_official(path)
     dev, b = case.device, case.batch
     kind = case.cfg.job.recipe
+    if kind == "maskgit":
+        return _maskgit_step(case, off)
     cls = off.TATiTok if kind == "tatitok" else (off.MaskGen_KL if case.recipe.mode == "vae" else off.MaskGen_VQ)
     model = official_model(cls, case.model).train().requires_grad_(True)
     loss_module = None

@@ -37,8 +37,9 @@ def _recipe_path(name: str, quick: bool) -> Path:
     if quick and not name.endswith(".toml") and "tiny" not in name and name.startswith("titok"):
         name = "titok_tiny_stage1" if "stage1" in name else "titok_tiny_stage2" if "stage2" in name else "titok_vq_tiny"
     if quick and not name.endswith(".toml") and "tiny" not in name:
-        name = "tatitok_vq_tiny" if name.startswith("tatitok") else ("maskgen_kl_tiny" if "_kl" in name
-                                                                       else "maskgen_vq_tiny")
+        name = "tatitok_vq_tiny" if name.startswith("tatitok") else ("maskgit_tiny" if name.startswith("maskgit") else
+                                                                      "maskgen_kl_tiny" if "_kl" in name
+                                                                      else "maskgen_vq_tiny")
     path = Path(name) if name.endswith(".toml") else RECIPE_DIR / f"{name}.toml"
     if not path.is_file():
         raise SystemExit(f"--recipe: {name} is not a recipe in {RECIPE_DIR} or a TOML file")
@@ -80,6 +81,14 @@ class Step:
         g = torch.Generator().manual_seed(0)
         b, dev, r = self.batch_size, self.device, self.recipe
         width = self.model.config["model"]["vq_model"].get("text_embed_dim", 768)
+        if self.cfg.job.recipe == "maskgit":  # class-labelled tokens, the recipe's own masks / label drops
+            import numpy as np
+
+            ids = torch.randint(0, r.codebook_size, (b, r.num_tokens), generator=g)
+            labels = torch.randint(0, r.num_classes, (b,), generator=g)
+            samples = [r.decode_sample(_class_token_sample(i, ids[i], int(labels[i]), r), np.random.default_rng(i))
+                       for i in range(b)]
+            return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in r.collate(samples).items()}
         if self.cfg.job.recipe == "titok":
             from tatitok_fast.benchmarks.official_titok_training import titok_batch
 
@@ -147,6 +156,16 @@ class Step:
         return official_training.step_fn(self, path)
 
 
+def _class_token_sample(i: int, ids: torch.Tensor, label: int, recipe) -> dict:
+    """A raw class-labelled token sample (what `tatitok-fast tokenize --labels` writes)."""
+    from tatitok_fast.token_shards import encode_class_token_sample, shard_metadata
+
+    meta = shard_metadata(tokenizer="synthetic", mode="vq", num_tokens=recipe.num_tokens, token_size=1,
+                          codebook_size=recipe.codebook_size)
+    return {k: v.encode() if isinstance(v, str) and k != "__key__" else v
+            for k, v in encode_class_token_sample(f"{i:09d}", ids.numpy(), label, meta).items()}
+
+
 def run(args: argparse.Namespace, devices: list[str]) -> Report:
     report = Report(header=run_header(list(devices)))
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -165,8 +184,9 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
             except Exception as exc:  # FP8 backend missing here: say why, keep the other rows
                 report.notes.append(f"{device} {backend}: not run ({type(exc).__name__}: {exc})")
         if args.official:
-            fns.append(("official", "fp16 + GradScaler" if device == "cuda" else "autocast bf16",
-                        case.official(args.official)))
+            official_amp = "fp16 + GradScaler" if device == "cuda" and case.cfg.job.recipe != "maskgit" else \
+                "autocast bf16"  # the official MaskGIT config trains in bf16
+            fns.append(("official", official_amp, case.official(args.official)))
         rows = []
         for impl, dtype, fn in fns:
             plan = case.fp8_plans.get(dtype) if impl == "tatitok_fast" else None

@@ -93,6 +93,7 @@ def test_training_loss_matches_official_mlm_loss(config, shards):
 
     from tatitok_fast.training.config import load_config
     from tatitok_fast.training.data import read_shard
+    from tatitok_fast.training.recipes.maskgit import official_state_dict
     from tatitok_fast.training.spec import recipe_class
 
     off = official_maskgit()
@@ -104,12 +105,10 @@ def test_training_loss_matches_official_mlm_loss(config, shards):
     ours = recipe.build_model().eval()
     ref_cls = off.ImageBert if config == "tiny_maskgit" else off.UViTBert
     ref = ref_cls(OmegaConf.create(copy.deepcopy(ours.config))).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.load_state_dict(official_state_dict(ours), strict=True)  # the trained model keeps a fused qkv
     raws = [r for _, r in zip(range(8), read_shard(shards["labelled"][0]))]
-    samples = [recipe.decode_sample(r, np.random.default_rng(0)) for r in raws]
-    for i, s in enumerate(samples):
-        s["__seed__"] = 1000 + i
-    batch = recipe.batch_transform(recipe.collate(samples))
+    batch = recipe.batch_transform(recipe.collate([recipe.decode_sample(r, np.random.default_rng(i))
+                                                    for i, r in enumerate(raws)]))
     assert batch["label_dropped"].any() and not batch["label_dropped"].all()  # both kinds of rows are in it
     out = recipe.forward_loss(ours, batch, 0)
     with torch.no_grad():  # the official: dropped labels are the class-drop token, as its cond_drop_prob does
@@ -124,6 +123,26 @@ def test_training_loss_matches_official_mlm_loss(config, shards):
     assert batch["masks"].sum(1).min() >= 1
     assert torch.equal(batch["input_ids"][batch["masks"]], torch.full_like(batch["input_ids"][batch["masks"]], 64))
     assert torch.equal(batch["input_ids"][~batch["masks"]], batch["tokens"][~batch["masks"]])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_masks_are_the_official_draws(seed):
+    """training_masks(n, generator) = the official masking_input_tokens of one row after
+    torch.manual_seed (its global RNG), for the same seed."""
+    from omegaconf import OmegaConf
+
+    from tatitok_fast.training.recipes.maskgit import tiny_maskgit_config, training_masks
+
+    off = official_maskgit()
+    ref = off.ImageBert(OmegaConf.create(tiny_maskgit_config()))
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(9))
+    for _ in range(5):
+        torch.manual_seed(seed)
+        masked, want = ref.masking_input_tokens(tokens.clone())
+        got = training_masks(16, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want[0])
+        assert torch.equal(masked[0], torch.where(got, 64, tokens[0]))
+        seed += 100
 
 
 # ---------------------------------------------------------------------------------------

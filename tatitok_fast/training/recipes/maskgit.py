@@ -3,14 +3,15 @@ shards (`tatitok-fast tokenize --labels`, or `--from-jsonl` for the official pre
 the official scripts/train_maskgit.py step.
 
     token shard --decode--> tokens (N,) int64, label
-        --batch_transform--> label dropout (p = loss.class_label_dropout -> the class-drop token),
-                             training masks (the official masking_input_tokens draws)
+             + label dropout (p = loss.class_label_dropout -> the class-drop label C),
+               training masks (the official masking_input_tokens draws)
         --forward_loss--> logits (B, N, K) -> MLMLoss: label-smoothed CE on every position,
                           weight 1 on masked and loss.unmasked_weight on visible ones
 
-Masks and label dropout are drawn per sample from the sample's stream seed (not from the
-global RNG as the official forward does), so they do not depend on the rank count and a
-resumed run draws the same ones; the model then runs with cond_drop_prob 0.
+Masks and label dropout are drawn per sample in the data-loader workers from the sample's
+seeded rng (not from the global RNG as the official forward does), so they do not depend on
+the rank count, a resumed run draws the same ones, and the step does no host-side work; the
+model then runs with cond_drop_prob 0.
 
 model.config: titok_l32 / titok_b64 / titok_s128 (the official generator configs), tiny_maskgit
 / tiny_uvit (CPU tests), or a config.json path; model.overrides apply on top.
@@ -28,10 +29,7 @@ import torch.nn as nn
 from tatitok_fast.training.config import opt
 from tatitok_fast.training.errors import ConfigError
 from tatitok_fast.training.recipes import common
-from tatitok_fast.training.spec import Recipe, StepOutput, per_sample_generators
-
-SALT_MASK, SALT_DROP = 11, 12
-
+from tatitok_fast.training.spec import Recipe, StepOutput
 
 def tiny_maskgit_config(model_type: str = "ViT") -> dict:
     """A 64-wide MaskGIT over 16 tokens of a 64-code tokenizer, 10 classes (CPU tests)."""
@@ -78,6 +76,17 @@ def maskgit_config(model_cfg) -> dict:
     return config
 
 
+def training_masks(n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool, True = masked: the official ImageBert.masking_input_tokens draws for one row
+    (maskgit.py:195-206), in its order: t ~ U(0, 1), ratio = arccos(t) / (pi / 2) clamped to
+    [1e-6, 1], round(n * ratio) >= 1 positions, chosen by an argsort of U(0, 1) noise."""
+    from tatitok_fast.models.generators.maskgen_schedules import get_masking_ratio
+
+    t = torch.rand(1, generator=generator)
+    num = (n * get_masking_ratio(t, "arccos").clamp(min=1e-6, max=1.0)).round().clamp(min=1)
+    return (torch.rand(1, n, generator=generator).argsort(dim=-1) < num[:, None])[0]
+
+
 def _train_with_fused_qkv(model: nn.Module) -> None:
     """ImageBert's attention shows its fused `qkv` as HF's query/key/value in state_dict() (a
     post-hook); DCP's state-dict helpers map state-dict keys back to parameters by name and fail
@@ -89,6 +98,17 @@ def _train_with_fused_qkv(model: nn.Module) -> None:
         hooks = getattr(m, "_state_dict_hooks", {})
         for key in [k for k, h in hooks.items() if h is _split_qkv_on_save]:
             del hooks[key]
+
+
+def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A trained model's state dict in the official layout (query/key/value split again)."""
+    from tatitok_fast.models.generators.maskgit_blocks import BertSelfAttention, _split_qkv_on_save
+
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, BertSelfAttention):
+            _split_qkv_on_save(m, sd, f"{name}.", None)
+    return sd
 
 
 @dataclass
@@ -120,7 +140,6 @@ class MaskGITRecipe(Recipe):
         self.label_dropout = float(config["model"]["generator"].get("class_label_dropout", 0.1)) if p < 0 else p
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ConfigError(f"loss.class_label_dropout: expected a probability in [0, 1], got {self.label_dropout}")
-        self._masker = model  # masking_input_tokens uses no parameter
         return model.train()
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
@@ -134,28 +153,20 @@ class MaskGITRecipe(Recipe):
 
     # ---- data ----
     def decode_sample(self, sample: dict, rng: np.random.Generator) -> dict:
+        """-> tokens (N,), label, and this sample's training draws (in the loader workers, from
+        the sample's seeded rng): input_ids (N,) with masked positions = K, masks (N,) bool
+        (the official masking_input_tokens draws), label_dropped, condition (C when dropped)."""
         from tatitok_fast.token_shards import decode_class_token_sample
 
         out = decode_class_token_sample(sample, num_tokens=self.num_tokens, codebook_size=self.codebook_size,
                                         num_classes=self.num_classes)
-        out["label"] = torch.tensor(out["label"], dtype=torch.long)
+        g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        masks = training_masks(self.num_tokens, g)
+        dropped = bool(torch.rand(1, generator=g) < self.label_dropout)
+        out.update(input_ids=torch.where(masks, self.codebook_size, out["tokens"]), masks=masks, label=torch.tensor(out["label"], dtype=torch.long),
+                   label_dropped=torch.tensor(dropped),
+                   condition=torch.tensor(self.num_classes if dropped else out["label"], dtype=torch.long))
         return out
-
-    def batch_transform(self, batch: dict) -> dict:
-        tokens, labels = batch["tokens"], batch["label"]
-        cpu = tokens.cpu()
-        ids, masks = [], []
-        for i, g in enumerate(per_sample_generators(batch["__seed__"], SALT_MASK)):
-            masked, m = self._masker.masking_input_tokens(cpu[i: i + 1], generator=g)  # the official draws
-            ids.append(masked)
-            masks.append(m)
-        drop = torch.tensor([bool(torch.rand(1, generator=g) < self.label_dropout)
-                             for g in per_sample_generators(batch["__seed__"], SALT_DROP)])
-        batch["input_ids"] = torch.cat(ids).to(tokens.device)
-        batch["masks"] = torch.cat(masks).to(tokens.device)
-        batch["label_dropped"] = drop.to(labels.device)
-        batch["condition"] = torch.where(batch["label_dropped"], self.num_classes, labels)  # C: the class-drop label
-        return batch
 
     # ---- step ----
     def forward_loss(self, model: nn.Module, batch: dict, step: int) -> StepOutput:
