@@ -138,12 +138,12 @@ def test_tokenize_errors(assets, tmp_path):
     (bad / "x.png").write_bytes(b"definitely not a png")
     args = ["tokenize", str(bad), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "o"), "--device", "cpu",
             "--no-progress", "--aes-score", "5"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert main(args + ["--skip-bad"]) == 0
     assert main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "p"),
-                 "--expect-num-tokens", "32", "--aes-score", "5", "--device", "cpu"]) == 1
+                 "--expect-num-tokens", "32", "--aes-score", "5", "--device", "cpu"]) == 2
     assert main(["tokenize", str(assets / "images"), "--tokenizer", "tatitok_bl999_vq", "-o", str(tmp_path / "q"),
-                 "--aes-score", "5", "--device", "cpu"]) == 1
+                 "--aes-score", "5", "--device", "cpu"]) == 2
 
 
 def test_tokenize_error_messages(assets, tmp_path, capsys):
@@ -161,19 +161,19 @@ def test_tokenize_error_messages(assets, tmp_path, capsys):
 def test_tokenize_aes_score_errors(assets, tmp_path, capsys):
     # folders without a score: refused before the tokenizer is even looked up
     assert main(["tokenize", str(assets / "images"), "--tokenizer", "no_such_tokenizer", "-o", str(tmp_path / "o"),
-                 "--device", "cpu"]) == 1
+                 "--device", "cpu"]) == 2
     assert "has no same-name .json with an aes_score: pass --aes-score FLOAT" in capsys.readouterr().err
     assert main(["tokenize", str(assets / "images"), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "o"),
-                 "--aes-score", "nan", "--device", "cpu"]) == 1
+                 "--aes-score", "nan", "--device", "cpu"]) == 2
     assert "--aes-score: expected a finite number" in capsys.readouterr().err
     src = tmp_path / "src-000.tar"
     _image_shard(src, [assets / "images" / "a.png"] * 3,
                  [{"json": {"aes_score": 5}}, {"json": {"caption": "no score"}}, {"json": {"aes_score": "x"}}])
     base = ["tokenize", str(src), "--tokenizer", str(assets / "tok_vq"), "-o", str(tmp_path / "s"), "--device", "cpu",
             "--no-progress"]
-    assert main(base) == 1
+    assert main(base) == 2
     assert "src-000.tar:0001.png has no aes_score in its json: pass --aes-score FLOAT" in capsys.readouterr().err
-    assert main(base + ["--skip-bad"]) == 1  # a malformed score is an error even with --skip-bad
+    assert main(base + ["--skip-bad"]) == 2  # a malformed score is an error even with --skip-bad
     assert "0002.png: aes_score: expected a finite number, got 'x'" in capsys.readouterr().err
     _image_shard(src, [assets / "images" / "a.png"] * 2, [{"json": {"aes_score": 5}}, {}])
     assert main(base + ["--skip-bad", "-o", str(tmp_path / "t")]) == 0
@@ -194,18 +194,18 @@ def test_generate_writes_images_and_is_seeded(assets, tmp_path, gen, tok):
 
 def test_generate_errors(assets, tmp_path, capsys):
     base = ["-o", str(tmp_path / "x"), *_clip_args(assets)]
-    assert main(["generate", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_vq"), *base]) == 1
+    assert main(["generate", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_vq"), *base]) == 2
     assert "at least one prompt" in capsys.readouterr().err
     assert main(["generate", "p", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_vq32"),
-                 *base]) == 1
+                 *base]) == 2
     assert "token count: generator 16, tokenizer 32" in capsys.readouterr().err
     assert main(["generate", "p", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_kl"),
-                 *base]) == 1
+                 *base]) == 2
     assert "generator/tokenizer mismatch" in capsys.readouterr().err
     assert main(["generate", "p", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_vq"),
-                 "--steps", "0", *base]) == 1
+                 "--steps", "0", *base]) == 2
     assert "--steps: expected 1..1024" in capsys.readouterr().err
     assert main(["generate", "p", "--generator", str(assets / "gen_vq"), "--tokenizer", str(assets / "tok_vq"),
-                 "--dtype", "fp16", *base]) == 1
+                 "--dtype", "fp16", *base]) == 2
     assert "--dtype fp16: not supported on CPU" in capsys.readouterr().err
     assert not (tmp_path / "x").exists(), "nothing is written before the checks pass"

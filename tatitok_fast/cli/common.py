@@ -11,7 +11,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class CommandError(Exception):
-    """A user-facing failure: printed as `tatitok-fast: error: ...`, exit status 1."""
+    """A user-facing failure: printed as `error: ...`, exit status 2 (cli/errors.py)."""
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,11 +117,6 @@ def load_text_encoder(args: argparse.Namespace, device: torch.device, sources: S
 
 
 def run_command(func):
-    """Wrap a command so CommandError prints one clear line and returns exit status 1."""
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args) or 0)
-        except CommandError as exc:
-            print(f"tatitok-fast: error: {exc}", file=sys.stderr)
-            return 1
-    return wrapped
+    """A command's entry point. CommandError is reported by cli.main (cli/errors.py:
+    `error: ...`, exit status 2, the traceback only with --debug) like every user error."""
+    return func

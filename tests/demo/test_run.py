@@ -34,9 +34,9 @@ def test_unwritable_or_bad_dir_fails_before_any_work(tmp_path, capsys):
     with pytest.raises(run.DemoError, match="--seed: expected an int >= 0"):
         run.run_demo(tmp_path / "new", seed=-1)
     assert not (tmp_path / "new").exists()
-    assert main(["demo", "--out", str(blocker / "out"), "--quick"]) == 1
+    assert main(["demo", "--out", str(blocker / "out"), "--quick"]) == 2
     assert f"--out {blocker / 'out'}: cannot write there" in capsys.readouterr().err
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 1  # holds a_file
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2  # holds a_file
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 

@@ -156,7 +156,7 @@ def test_reconstruct_cli_errors(assets, tmp_path, monkeypatch, capsys):
           "--no-inception"], "--tokenizer"),
     ]
     for argv, message in cases:
-        assert _run(*argv) == 1, argv
+        assert _run(*argv) == 2, argv
         err = capsys.readouterr().err
         assert __import__("re").search(message, err), (message, err)
 
@@ -202,5 +202,5 @@ def test_generate_cli_errors(assets, tmp_path, capsys):
           "--steps", "0"], "--steps"),
     ]
     for argv, message in cases:
-        assert _run(*argv) == 1, argv
+        assert _run(*argv) == 2, argv
         assert message in capsys.readouterr().err, message

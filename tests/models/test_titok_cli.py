@@ -117,10 +117,10 @@ def test_cli_errors_are_one_line(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("TATITOK_MASKGIT_VQGAN", raising=False)
     base = ["-o", str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--local-files-only"]
-    assert main(["reconstruct", str(assets / "images"), "--tokenizer", "maskgit_vqgan", *base]) == 1
+    assert main(["reconstruct", str(assets / "images"), "--tokenizer", "maskgit_vqgan", *base]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tatitok-fast: error: --tokenizer maskgit_vqgan:") and "Traceback" not in err
+    assert err.startswith("error: --tokenizer maskgit_vqgan:") and "Traceback" not in err
     assert MASKGIT_VQGAN_FILE in err and "fun-research/TiTok" in err
-    assert main(["reconstruct", str(assets / "images"), "--tokenizer", "titok_l32", *base]) == 1
+    assert main(["reconstruct", str(assets / "images"), "--tokenizer", "titok_l32", *base]) == 2
     err = capsys.readouterr().err
     assert "--tokenizer titok_l32:" in err and "yucornetto/tokenizer_titok_l32_imagenet" in err
