@@ -64,6 +64,7 @@ class Measurement:
     timer: str = ""
     vs_official_best: float | None = None
     official_best: str = ""
+    compile_s: float | None = None  # compiled rows: seconds of the first call (compile + one run)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -410,6 +411,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# the flags that decide which kernels and GEMMs a CPU runs (AVX2 vs AVX-512, bf16 units, AMX)
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """The CPU's SIMD flags that matter here ("avx2 fma avx512f avx512_bf16 ..."), from
+    /proc/cpuinfo; torch's detected CPU capability when that is unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in _CPU_FLAGS if f in have) or "none of " + " ".join(_CPU_FLAGS)
+    except OSError:
+        pass
+    return f"torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -430,6 +448,7 @@ def run_header(devices: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device_names": {d: device_name(d) for d in devices},
+        **({"cpu_flags": cpu_flags()} if any(torch.device(d).type == "cpu" for d in devices) else {}),
         "cpu_threads": torch.get_num_threads(),
         "load_avg_1m": load_average(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -480,6 +499,7 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("TFLOP/s", "tflops", "{:.3g}"),
     ("items/s", "items_per_s", "{:.3g}"),
     ("timer", "timer", "{}"),
+    ("compile s", "compile_s", "{:.1f}"),
 ]
 
 
@@ -493,7 +513,8 @@ class Report:
 
     def _columns(self) -> list[tuple[str, str, str]]:
         # throughput columns only when some row has them
-        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer", "vs_official_best", "official_best"}
+        keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer", "vs_official_best", "official_best",
+                "compile_s"}
         return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) not in (None, "") for r in self.rows)]
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
@@ -506,8 +527,9 @@ class Report:
     def _header_lines(self) -> list[str]:
         h = self.header
         names = "; ".join(f"{d}: {n}" for d, n in h.get("device_names", {}).items())
-        return [f"commit {h.get('commit')} | torch {h.get('torch')} | {names} | "
-                f"CPU threads {h.get('cpu_threads')} | load {h.get('load_avg_1m')}"
+        return [f"commit {h.get('commit')} | torch {h.get('torch')} | {names}"
+                + (f" | cpu flags: {h['cpu_flags']}" if h.get("cpu_flags") else "")
+                + f" | CPU threads {h.get('cpu_threads')} | load {h.get('load_avg_1m')}"
                 + (f" -> {h['load_avg_1m_end']}" if "load_avg_1m_end" in h else "") + f" | {h.get('date')}"
                 + (f" | official: {h['official']}" if h.get("official") else "")]
 

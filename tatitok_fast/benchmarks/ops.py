@@ -2,7 +2,9 @@
 
 Cases (full size; --quick shrinks every shape for tests and CI):
     vq_nearest_code      z (8192, 64) vs codebook (8192, 64), fp32 and bf16; tokenizer-typical
-                         z (64*32, 64) vs (8192, 64). Reference: full distance matrix + argmin.
+                         z (64*32, 64) vs (8192, 64); z (64*32, D) vs every zoo codebook (TiTok
+                         4096x12, TA-TiTok 8192x64, MaskGIT-VQGAN 1024x256), fp32.
+                         Reference: full distance matrix + argmin.
     kl_sample            parameters (256, 32, 1, 32) fp32, noise drawn in-kernel / by randn.
     maskgen_unmask_step  logits (32, 128, 8192) fp32, noise in-kernel, with and without CFG.
                          Reference: draw the Gumbel noise, then the reference step.
@@ -75,12 +77,19 @@ def _vq_case(variant: str, n: int, k: int, d: int, dtype: torch.dtype) -> OpCase
                   nbytes=nbytes, flops=2 * n * k * d, items=n, memory_bound=False)
 
 
+# the zoo's codebooks (K, D): TiTok 4096x12, TA-TiTok vq8k 8192x64, MaskGIT-VQGAN 1024x256
+ZOO_CODEBOOKS = {"zoo titok": (4096, 12), "zoo tatitok vq8k": (8192, 64), "zoo maskgit-vqgan": (1024, 256)}
+
+
 def vq_cases(quick: bool) -> list[OpCase]:
+    n_zoo = 128 if quick else 64 * 32  # rows of z: a batch of 64 images of 32 tokens
+    zoo = [_vq_case(name, n_zoo, k if not quick else min(k, 1024), d, torch.float32)
+           for name, (k, d) in ZOO_CODEBOOKS.items()]
     if quick:
         return [_vq_case("square", 256, 256, 64, torch.float32), _vq_case("square", 256, 256, 64, torch.bfloat16),
-                _vq_case("tokenizer", 128, 1024, 64, torch.float32)]
+                _vq_case("tokenizer", 128, 1024, 64, torch.float32)] + zoo
     return [_vq_case("square", 8192, 8192, 64, torch.float32), _vq_case("square", 8192, 8192, 64, torch.bfloat16),
-            _vq_case("tokenizer", 64 * 32, 8192, 64, torch.float32)]
+            _vq_case("tokenizer", 64 * 32, 8192, 64, torch.float32)] + zoo
 
 
 # ---------------------------------------------------------------------------------------
