@@ -102,7 +102,7 @@ def vqgan_file(loss_cfg: TiTokLossConfig) -> str:
         return vqgan_weights_path(None if w == "pretrained" else w,
                                   local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""))
     except (WeightsFileError, OSError) as exc:
-        raise ConfigError(f"loss.vqgan_weights {w!r}: {exc}") from None
+        raise ConfigError(f"loss.vqgan_weights {w!r}: {exc} In training: --loss.vqgan_weights PATH.") from None
 
 
 class TiTokRecipe(Recipe):
@@ -126,6 +126,8 @@ class TiTokRecipe(Recipe):
                               "decoder of a trained stage-1 TiTok: pass its export, e.g. --model.init_from "
                               "outputs/titok_l32_stage1/export/step-N (or an official two-stage TiTok: titok_l32, "
                               "a Hub id or a folder)")
+        if self.stage == "stage1" and self.device.type != "meta" and self.cfg.loss.vqgan_weights != "random":
+            vqgan_file(self.cfg.loss)  # the targets' network missing: say so before building a large model
         init_from = self.cfg.model.init_from
         if self.stage == "stage2" and init_from:  # the stage-1 -> stage-2 load is done here, not by common.build
             self.cfg.model.init_from = ""
