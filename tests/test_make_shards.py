@@ -257,11 +257,16 @@ def test_tokenize_jsonl_errors(tmp_path, capsys, line, args, fragment):
 
 def test_pipeline_class_folder_to_maskgit_samples(tmp_path, tiny_titok):
     """make-shards -> tokenize --labels -> `tatitok-fast train` maskgit_tiny with sample grids
-    decoded by the same TiTok: the run writes its grid (4 classes, TiTok's 32 px images) and an
-    export."""
+    decoded by the same TiTok and gFID every 2 steps: the run writes its grid (4 classes, TiTok's
+    32 px images), and the logged FID is what `tatitok-fast eval fid` gives on the same samples."""
+    import torch
+
+    from tatitok_fast import ImageBert, TiTok
     from tatitok_fast.cli import main
 
     src, shards, tokens, run_dir = (tmp_path / n for n in ("train", "shards", "tokens", "run"))
+    ref = tmp_path / "ref.npz"  # an ADM-style reference batch
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     make_class_folder(src, per_class=4)
     assert run(str(src), "-o", str(shards), "--shard-size", "6").returncode == 0
     assert tokenize(str(shards / "shard-{000000..000001}.tar"), "--tokenizer", str(tiny_titok), "--labels",
@@ -271,8 +276,29 @@ def test_pipeline_class_folder_to_maskgit_samples(tmp_path, tiny_titok):
                "--data.num_workers", "0", "--data.shuffle_buffer", "0", "--training.local_batch_size", "4",
                "--training.steps", "2", "--checkpoint.enable", "false", "--metrics.progress", "false",
                "--metrics.enable_tensorboard", "false", "--model.tokenizer", str(tiny_titok),
-               "--samples.interval", "2"])
+               "--samples.interval", "2", "--eval.interval", "2", "--eval.reference", str(ref),
+               "--eval.num_samples", "6", "--eval.inception_weights", "random", "--metrics.log_freq", "1"])
     assert rc == 0
     grid = Image.open(run_dir / "samples" / "generated-step-2.png")
     assert grid.size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # make_grid: 4 images of 32 px, 2 px padding
-    assert (run_dir / "export" / "step-2" / "model.safetensors").is_file()
+    export = run_dir / "export" / "step-2"
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fid = [m["eval/fid"] for m in logged if "eval/fid" in m]
+    assert len(fid) == 1 and np.isfinite(fid[0]) and fid[0] > 0
+    # the same 6 samples (classes 0..5, the run's seed, the export = the EMA weights it evaluated)
+    # through `tatitok-fast eval fid` give the same number
+    gen = ImageBert.from_pretrained(export).eval()
+    g = gen.config["model"]["generator"]
+    rng = torch.Generator().manual_seed(42)  # one generator over the run's batches of 4 classes
+    with torch.no_grad():
+        ids = torch.cat([gen.generate(c, guidance_scale=g["guidance_scale"], guidance_decay=g["guidance_decay"],
+                                      randomize_temperature=g["randomize_temperature"],
+                                      num_sample_steps=g["num_steps"], generator=rng, use_cuda_graph=False)
+                         for c in (torch.arange(4), torch.arange(4, 6))])
+        x = TiTok.from_pretrained(tiny_titok).eval().detokenize(ids.view(6, 1, -1)).float().clamp(0, 1)
+    np.savez(tmp_path / "samples.npz", arr_0=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    assert main(["eval", "fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(ref), "--device", "cpu",
+                 "--inception-weights", "random", "-o", str(tmp_path / "fid.json"), "--no-progress",
+                 "--batch-size", "4"]) == 0  # the run's batches (the FID of 6 samples moves with batching)
+    want = json.loads((tmp_path / "fid.json").read_text())["metrics"]["fid"]
+    assert abs(fid[0] - want) <= 1e-4 * abs(want), (fid[0], want)

@@ -158,6 +158,7 @@ class Samples:
 class Eval:
     interval: int = opt(0, "tatitok: reconstruction evaluation every N steps (0 = off)")
     shards: list = opt([], "evaluation shards (image + caption)")
+    reference: str = opt("", "maskgit: ADM reference batch .npz (arr_0 images and/or mu/sigma) for gFID")
     num_samples: int = opt(256, "images per evaluation")
     inception_weights: str = opt("", "rFID / IS network: a pt_inception file, '' = the standard lookup (cache, "
                                  "download), 'none' = PSNR / SSIM / codebook only")

@@ -226,3 +226,15 @@ def test_maskgen_token_shards_are_refused(tmp_path):
     paths = write_token_shards(tmp_path / "maskgen", "vq", shards=1, per_shard=4)
     run = tmp_path / "run"
     assert_user_error(launch(run, paths), run, "no class label")
+
+
+def test_missing_fid_reference_fails_before_training(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tatitok_fast.cli", "train",
+           *argv(shards["labelled"], run, "--training.steps", "2", "--eval.interval", "1",
+                 "--eval.reference", str(tmp_path / "missing.npz"))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: eval.reference: no such file"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run / "metrics.jsonl").exists()  # no step ran

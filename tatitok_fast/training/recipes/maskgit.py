@@ -150,6 +150,23 @@ class MaskGITRecipe(Recipe):
     def build_frozen(self) -> None:
         if self.cfg.samples.interval and self.cfg.samples.prompts and self.cfg.model.tokenizer:
             self._tokenizer()  # a missing or mismatched tokenizer fails here, before training
+        self._inception = None
+        e = self.cfg.eval
+        if e.interval and e.reference:  # gFID: everything it needs is checked here, before training
+            from tatitok_fast.evaluation.inception import InceptionFeatures
+            from tatitok_fast.weight_files import WeightsFileError
+
+            if not Path(e.reference).is_file():
+                raise ConfigError(f"eval.reference: no such file: {e.reference}")
+            if not self.cfg.model.tokenizer:
+                raise ConfigError("eval.reference: gFID needs model.tokenizer (the TiTok that decodes the tokens)")
+            if e.num_samples < 2:
+                raise ConfigError(f"eval.num_samples: expected >= 2 for FID, got {e.num_samples}")
+            self._tokenizer()
+            try:
+                self._inception = InceptionFeatures(e.inception_weights or None, device=self.device)
+            except (WeightsFileError, ValueError, ImportError, OSError) as exc:
+                raise ConfigError(f"eval.inception_weights: {exc}") from None
 
     # ---- data ----
     def decode_sample(self, sample: dict, rng: np.random.Generator) -> dict:
@@ -197,16 +214,44 @@ class MaskGITRecipe(Recipe):
         if not all(isinstance(c, int) and 0 <= c < self.num_classes for c in classes):
             raise ConfigError(f"samples.prompts: the maskgit recipe samples class ids in [0, {self.num_classes}), "
                               f"got {classes}")
-        gen_cfg = model.config["model"]["generator"]
-        gen = torch.Generator(self.device).manual_seed(self.cfg.training.seed)
-        ids = model.generate(torch.tensor(classes, device=self.device),
-                             guidance_scale=float(gen_cfg.get("guidance_scale", 4.5)),
-                             guidance_decay=gen_cfg.get("guidance_decay", "constant"),
-                             randomize_temperature=float(gen_cfg.get("randomize_temperature", 1.0)),
-                             num_sample_steps=self.cfg.samples.steps or int(gen_cfg.get("num_steps", 8)),
-                             generator=gen, use_cuda_graph=False)
+        ids = self._generate(model, classes, torch.Generator(self.device).manual_seed(self.cfg.training.seed))
         tok = self._tokenizer()
         return {"generated": tok.detokenize(ids.view(ids.shape[0], 1, -1)).float().clamp(0, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
+        """gFID (and sFID, IS, precision / recall) of eval.num_samples images, classes 0, 1, ...
+        in turn, with the EMA weights and the config's sampling settings, against eval.reference
+        (the numbers of `tatitok-fast eval fid`)."""
+        import tempfile
+
+        from tatitok_fast.evaluation.fid import evaluate_sample_batch
+
+        if getattr(self, "_inception", None) is None:
+            return {}
+        n, bs = self.cfg.eval.num_samples, self.cfg.training.local_batch_size
+        classes = [i % self.num_classes for i in range(n)]
+        tok, images = self._tokenizer(), []
+        gen = torch.Generator(self.device).manual_seed(self.cfg.training.seed)
+        for i in range(0, n, bs):
+            ids = self._generate(model, classes[i: i + bs], gen)
+            x = tok.detokenize(ids.view(ids.shape[0], 1, -1)).float().clamp(0, 1)
+            images.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "samples.npz"
+            np.savez(path, arr_0=np.concatenate(images))
+            out = evaluate_sample_batch(str(path), self.cfg.eval.reference, self._inception, batch_size=bs)
+        return {k: float(out[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")
+                if out.get(k) is not None}
+
+    def _generate(self, model: nn.Module, classes: list[int], gen: torch.Generator) -> torch.Tensor:
+        g = model.config["model"]["generator"]
+        return model.generate(torch.tensor(classes, device=self.device),
+                              guidance_scale=float(g.get("guidance_scale", 4.5)),
+                              guidance_decay=g.get("guidance_decay", "constant"),
+                              randomize_temperature=float(g.get("randomize_temperature", 1.0)),
+                              num_sample_steps=self.cfg.samples.steps or int(g.get("num_steps", 8)),
+                              generator=gen, use_cuda_graph=False)
 
     def _tokenizer(self):
         if getattr(self, "_tok", None) is None:
