@@ -111,6 +111,7 @@ def test_stage2_reconstructs_better_than_stage1(stage1, stage2, images):
     assert mse["trained"] < 0.5 * mse["start"], mse
     assert decreased(logged(stage2, "loss")), logged(stage2, "loss")
     assert logged(stage2, "disc/discriminator_loss"), "the discriminator trained from step 3"
+    assert (stage2 / "samples" / f"reconstructions-step-{S2_STEPS}.png").is_file()
 
 
 def test_single_stage_vq_trains(images, tmp_path):
