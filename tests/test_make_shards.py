@@ -75,6 +75,32 @@ def test_class_folder_to_labelled_shards(tmp_path):
     assert [s["txt"] for s in read_all(out) if "txt" in s] == [b"a tench"]
 
 
+def test_tokenizer_recipe_reads_the_shards(tmp_path):
+    """The engine's up-front data check passes on make-shards output for a tokenizer recipe, and
+    its decode_sample gives the official train transform of the stored JPEG (the .cls beside it
+    is ignored)."""
+    import torch
+
+    from tatitok_fast.training.config import load_config
+    from tatitok_fast.training.data import decode_image
+    from tatitok_fast.training.recipes.tatitok import random_resized_crop
+    from tatitok_fast.training.spec import recipe_class
+    from tatitok_fast.training.train import check_data
+
+    src, out = tmp_path / "train", tmp_path / "shards"
+    make_class_folder(src, per_class=2, size=48)
+    assert run(str(src), "-o", str(out)).returncode == 0
+    cfg = load_config(ROOT / "training" / "recipes" / "tatitok_vq_tiny.toml", ["--data.shards", str(out / "shard-000000.tar")])
+    assert check_data(cfg) == [str(out / "shard-000000.tar")]
+    recipe = recipe_class("tatitok")(cfg, torch.device("cpu"))
+    with torch.device("meta"):
+        recipe.build_model()
+    raw = next(iter(read_shard(str(out / "shard-000000.tar"))))
+    got = recipe.decode_sample(raw, np.random.default_rng(3))["image"]
+    want = random_resized_crop(decode_image(raw["jpg"]), recipe.crop, np.random.default_rng(3), cfg.data.random_flip)
+    assert got.shape == (3, recipe.crop, recipe.crop) and torch.equal(got, want)
+
+
 def test_killed_half_way_and_rerun(tmp_path):
     """SIGKILL once two shards are finished; the rerun keeps them byte for byte (same mtime
     and content), redoes the partial one, and the result holds every image once."""

@@ -1,4 +1,5 @@
-"""MaskGen-VQ training loss: the reference's `MLMLoss` (modeling/modules/losses.py).
+"""MaskGen-VQ and MaskGIT (ImageBert / UViTBert) training loss: the reference's `MLMLoss`
+(modeling/modules/losses.py), which both official trainers use with the same settings.
 
 Cross-entropy with label smoothing over every position, masked positions weighted 1 and
 unmasked (visible) ones `unmasked_weight`:

@@ -180,6 +180,28 @@ def test_trains_exports_and_loads_in_both_classes(shards, tmp_path):
     assert in_range > 0.5, (gen, in_range)
 
 
+def test_uvit_trains_and_exports_in_the_official_layout(shards, tmp_path):
+    """model.config = tiny_uvit: the export is a UViTBert that the official UViTBert loads strictly
+    with the same logits."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from tatitok_fast import ImageBert, UViTBert
+
+    run = tmp_path / "run"
+    assert main(argv(shards["labelled"], run, "--model.config", "tiny_uvit", "--training.steps", "3",
+                     "--checkpoint.enable", "false")) == 0
+    export = run / "export" / "step-3"
+    ours = ImageBert.from_pretrained(export).eval()
+    assert type(ours) is UViTBert
+    ref = official_maskgit().UViTBert(OmegaConf.create(json.loads((export / "config.json").read_text()))).eval()
+    ref.load_state_dict(load_file(str(export / "model.safetensors")), strict=True)
+    ids, labels = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(1)), torch.tensor([2, 10])
+    with torch.no_grad():
+        a, b = ours(ids, labels, cond_drop_prob=0.0), ref(ids, labels, cond_drop_prob=0.0)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
 def test_resume_is_exact(shards, tmp_path):
     """K steps, stop, resume, K more == 2K uninterrupted (bitwise, fp32 CPU), EMA included."""
     from tests.training.test_engine import final_params, losses
