@@ -48,6 +48,47 @@ def test_matches_reference(device, dtype, shape, l2):
     torch.testing.assert_close(dist[idx == ref_idx], ref_dist[idx == ref_idx], rtol=1e-4, atol=1e-4)
 
 
+# the zoo's codebooks (TiTok 4096x12, TA-TiTok vq8k 8192x64, MaskGIT-VQGAN 1024x256) at small N,
+# and shapes that exercise the CPU kernel's BLAS path edges: several code tiles with a 1-code
+# tail, row blocks of 64 with a 1-row tail, K below one tile and not a multiple of 16
+ZOO_SHAPES = [(64, 4096, 12), (64, 8192, 64), (64, 1024, 256), (65, 2049, 64), (3, 50, 33), (130, 1030, 256)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ZOO_SHAPES)
+@pytest.mark.parametrize("l2", [False, True])
+def test_zoo_codebooks_match_reference(device, shape, l2):
+    n, k, d = shape
+    gen = torch.Generator().manual_seed(n + k + d)
+    z, e = torch.randn(n, d, generator=gen).to(device), torch.randn(k, d, generator=gen).to(device)
+    idx, dist = ops.vq_nearest_code(z, e, l2_normalize=l2)
+    _assert_nearest(z.cpu(), e.cpu(), idx, dist, l2)
+    ref_idx, ref_dist = vq_nearest_code_ref(z, e, l2)
+    # rows whose pick differs from the matmul+argmin twin: only where the two codes are
+    # within fp32 rounding of each other in the exact (fp64) distance
+    diff = (idx != ref_idx).nonzero().flatten().cpu()
+    d64 = _distances_fp64(z.cpu(), e.cpu(), l2)
+    gap = (d64[diff].gather(1, idx.cpu()[diff, None]) - d64[diff].gather(1, ref_idx.cpu()[diff, None])).abs()
+    assert bool((gap <= 1e-5 * (d64[diff].min(1, keepdim=True).values + 1)).all())
+    assert diff.numel() <= max(1, n // 50)
+    same = idx == ref_idx
+    torch.testing.assert_close(dist[same], ref_dist[same], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [12, 64, 256])
+def test_ties_at_zoo_widths_go_to_lowest_index(device, d):
+    # duplicates in different code tiles and lanes, and an all-equal codebook, at every zoo width
+    k = 2100
+    e = torch.randn(k, d, device=device)
+    e[2090] = e[1500] = e[7]
+    z = torch.stack([e[2090], e[1500] + 1e-3, e[7] - 1e-3])
+    idx, _ = ops.vq_nearest_code(z, e)
+    assert idx.tolist() == [7, 7, 7]
+    idx, _ = ops.vq_nearest_code(torch.randn(70, d, device=device), torch.ones(300, d, device=device))
+    assert idx.tolist() == [0] * 70
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_exact_on_well_separated_codes(device):
     # codes on a coarse grid and queries right next to them: one answer, no rounding doubt
