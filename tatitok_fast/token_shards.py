@@ -377,8 +377,8 @@ def parse_class_label(value: Any, key: str = "?", num_classes: int | None = None
             raise CorruptSampleError(f"sample {key}: {CLASS_KEY}: expected a class index (decimal int), "
                                      f"got {text[:40]!r}") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise CorruptSampleError(f"sample {key}: {CLASS_KEY}: expected a class index in [0, {num_classes}), got {label}"
-                                 if num_classes is not None else f"sample {key}: {CLASS_KEY}: expected >= 0, got {label}")
+        want = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise CorruptSampleError(f"sample {key}: {CLASS_KEY}: expected a class index {want}, got {label}")
     return label
 
 

@@ -90,7 +90,8 @@ def test_tokenizer_recipe_reads_the_shards(tmp_path):
     src, out = tmp_path / "train", tmp_path / "shards"
     make_class_folder(src, per_class=2, size=48)
     assert run(str(src), "-o", str(out)).returncode == 0
-    cfg = load_config(ROOT / "training" / "recipes" / "tatitok_vq_tiny.toml", ["--data.shards", str(out / "shard-000000.tar")])
+    cfg = load_config(ROOT / "training" / "recipes" / "tatitok_vq_tiny.toml",
+                      ["--data.shards", str(out / "shard-000000.tar")])
     assert check_data(cfg) == [str(out / "shard-000000.tar")]
     recipe = recipe_class("tatitok")(cfg, torch.device("cpu"))
     with torch.device("meta"):

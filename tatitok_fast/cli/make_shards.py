@@ -106,7 +106,8 @@ def _check_manifest(out: Path, want: dict) -> None:
         have = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CommandError(f"{path}: not valid JSON ({exc}); delete it to start over") from None
-    diff = [k for k in ("num_images", "shard_size", "labels", "num_classes", "listing_sha256") if have.get(k) != want[k]]
+    keys = ("num_images", "shard_size", "labels", "num_classes", "listing_sha256")
+    diff = [k for k in keys if have.get(k) != want[k]]
     if diff:
         what = ", ".join(f"{k} {have.get(k)!r} then, {want[k]!r} now" for k in diff if k != "listing_sha256")
         raise CommandError(f"-o {out}: its shards were started from another listing ({what or 'other files'}); "

@@ -48,7 +48,7 @@ class Model:
     overrides: dict = opt({}, "official-config entries to change, dotted keys: {\"model.maskgen.decoder_depth\" = 4}")
     init_from: str = opt("", "weights to start from: preset, Hub id or directory (fine-tuning, stage 2)")
     init_strict: bool = opt(True, "init_from must match every key (the official stage 2 loads with strict=False)")
-    tokenizer: str = opt("", "maskgen: the paired tokenizer (preset or directory) that decodes logged samples")
+    tokenizer: str = opt("", "maskgen / maskgit: the paired tokenizer (preset or directory) that decodes logged samples")
     text_encoder: dict = opt({"name": "ViT-L-14-336", "pretrained": "openai"},
                              "frozen CLIP text tower: {name, pretrained} or {name = \"tiny\", seed = 0}")
 
@@ -149,7 +149,7 @@ class Metrics:
 @dataclass
 class Samples:
     interval: int = opt(0, "log generated images / reconstructions every N steps (0 = off)")
-    prompts: list = opt([], "maskgen: prompts to generate (fixed, EMA weights)")
+    prompts: list = opt([], "maskgen: prompts to generate; maskgit: class ids (fixed, EMA weights)")
     num: int = opt(8, "tatitok: images to reconstruct")
     steps: int = opt(0, "maskgen: sampling steps (0 = the model config's)")
 

@@ -260,3 +260,13 @@ def test_missing_fid_reference_fails_before_training(shards, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: eval.reference: no such file"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (run / "metrics.jsonl").exists()  # no step ran
+
+
+def test_sample_classes_outside_the_model_fail_before_training(shards, tmp_path):
+    from tatitok_fast.training.errors import ConfigError
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"samples.prompts: .* class ids in \[0, 10\), got \[1, 10\]"):
+        main(argv(shards["labelled"], run, "--samples.interval", "1", "--samples.prompts", "[1, 10]",
+                  "--model.tokenizer", "any"))
+    assert not (run / "metrics.jsonl").exists()

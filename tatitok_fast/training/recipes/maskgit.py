@@ -148,7 +148,11 @@ class MaskGITRecipe(Recipe):
         return [*model.in_blocks, model.mid_block, *model.out_blocks]
 
     def build_frozen(self) -> None:
-        if self.cfg.samples.interval and self.cfg.samples.prompts and self.cfg.model.tokenizer:
+        classes = self.cfg.samples.prompts
+        if self.cfg.samples.interval and classes and self.cfg.model.tokenizer:
+            if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.num_classes for c in classes):
+                raise ConfigError(f"samples.prompts: the maskgit recipe samples class ids in [0, {self.num_classes}), "
+                                  f"got {classes}")
             self._tokenizer()  # a missing or mismatched tokenizer fails here, before training
         self._inception = None
         e = self.cfg.eval
@@ -180,8 +184,8 @@ class MaskGITRecipe(Recipe):
         g = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
         masks = training_masks(self.num_tokens, g)
         dropped = bool(torch.rand(1, generator=g) < self.label_dropout)
-        out.update(input_ids=torch.where(masks, self.codebook_size, out["tokens"]), masks=masks, label=torch.tensor(out["label"], dtype=torch.long),
-                   label_dropped=torch.tensor(dropped),
+        out.update(input_ids=torch.where(masks, self.codebook_size, out["tokens"]), masks=masks,
+                   label=torch.tensor(out["label"], dtype=torch.long), label_dropped=torch.tensor(dropped),
                    condition=torch.tensor(self.num_classes if dropped else out["label"], dtype=torch.long))
         return out
 
@@ -211,9 +215,6 @@ class MaskGITRecipe(Recipe):
         classes = self.cfg.samples.prompts
         if not classes or not self.cfg.model.tokenizer:
             return {}
-        if not all(isinstance(c, int) and 0 <= c < self.num_classes for c in classes):
-            raise ConfigError(f"samples.prompts: the maskgit recipe samples class ids in [0, {self.num_classes}), "
-                              f"got {classes}")
         ids = self._generate(model, classes, torch.Generator(self.device).manual_seed(self.cfg.training.seed))
         tok = self._tokenizer()
         return {"generated": tok.detokenize(ids.view(ids.shape[0], 1, -1)).float().clamp(0, 1)}
