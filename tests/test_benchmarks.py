@@ -242,6 +242,21 @@ def test_bench_generate_quick_without_official(tmp_path, generator):
     assert any("not the official code" in n for n in data["notes"])
 
 
+def test_bench_tokenizer_compile_adds_compiled_rows_with_compile_time(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", "tokenizer", *QUICK_MODEL, "--cases", "decode", "--variants", "fast", "--compile",
+                 "--compile-cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = _rows_by_variant(data["rows"], "decode")
+    assert list(rows) == ["fast bfloat16", "compiled bfloat16"]
+    fast, compiled = rows["fast bfloat16"], rows["compiled bfloat16"]
+    assert fast["compile_s"] is None
+    # the first call (the compile) is timed apart and is not in the steady-state median
+    assert compiled["compile_s"] * 1e3 > compiled["median_ms"] > 0
+    assert any((tmp_path / "cache").rglob("*"))
+    assert "cpu_flags" in data["header"]
+
+
 def test_bench_model_suites_reject_bad_options(capsys):
     for argv in (["bench", "tokenizer", "--quick", "--device", "cpu", "--variants", "fast,turbo"],
                  ["bench", "tokenizer", "--quick", "--device", "cpu", "--cases", "encode,resize"],

@@ -21,7 +21,7 @@ from tatitok_fast import presets
 from tatitok_fast.benchmarks import official as off
 from tatitok_fast.benchmarks.harness import Report
 from tatitok_fast.benchmarks.models import (add_model_arguments, autocast, build_model, check_model_args,
-                                            fast_dtype, make_case, model_report, positive_int)
+                                            compiled_model, fast_dtype, make_case, model_report, positive_int)
 from tatitok_fast.benchmarks.tokenizer import FP32_TOL, check_decode_agreement
 from tatitok_fast.ops import reference_mode
 
@@ -138,6 +138,8 @@ def cases(args, device: str, notes: list[str]):
     gen_variants = {"fp32": (torch.float32, {"generate": ours_generate(ours, None)}),
                     "fast": (dtype, {"generate": ours_generate(fast, None)}),
                     "reference_mode": (torch.float32, {"generate": in_reference_mode(ours_generate(ours, False))})}
+    if "compiled" in args.variants:
+        gen_variants["compiled"] = (dtype, {"generate": ours_generate(compiled_model(fast, args), None)})
     if official is not None and (mode == "vq" or device == "cuda"):
         gen_variants = {"official_fp32": (torch.float32, {"generate": official_generate(torch.float32)}),
                         "official_autocast": (dtype, {"generate": official_generate(dtype)}), **gen_variants}
@@ -163,6 +165,9 @@ def cases(args, device: str, notes: list[str]):
                     "fast": (dtype, {"decode": lambda: tok_fast.decode_tokens(low_tokens, guidance)}),
                     "reference_mode": (torch.float32, {"decode": in_reference_mode(
                         lambda: tok.decode_tokens(tokens, guidance))})}
+    if "compiled" in args.variants:
+        tok_compiled = compiled_model(tok_fast, args)
+        dec_variants["compiled"] = (dtype, {"decode": lambda: tok_compiled.decode_tokens(low_tokens, guidance)})
     if want_official:
         tok_off = off.official_model(off.import_official(args.official).TATiTok, tok)
         check_decode_agreement(tok, tok_fast, tok_off, tokens, guidance, device, dtype)

@@ -7,6 +7,8 @@ Every case is timed in up to five variants on the same weights and inputs:
     ours      fp32              tatitok_fast in fp32 (fused ops, SDPA)
     ours      fast              tatitok_fast cast to --fast-dtype (default bf16)
     reference reference_mode    ours in fp32 on the PyTorch twins of every kernel (an extra)
+    ours      compiled          the fast path through tatitok_fast.compile (with --compile); its
+                                first calls (the compile) are timed apart: `compile s`
 
 Speed-ups are against the official rows of the same precision: fp32 vs official fp32 eager,
 fast vs official autocast. The `vs official best` column (harness.fill_vs_official_best)
@@ -42,9 +44,12 @@ VARIANTS = {
     "fp32": ("tatitok_fast", "fp32"),
     "fast": ("tatitok_fast", "fast {dtype}"),
     "reference_mode": ("reference", "reference_mode fp32 (extra)"),
+    "compiled": ("tatitok_fast", "compiled {dtype}"),
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "compiled"]  # compiled rows: --compile
 # which row each variant's speed-up is divided by, in order of preference
-BASELINES = {"fp32": ("official_fp32", "reference_mode"), "fast": ("official_autocast", "reference_mode")}
+BASELINES = {"fp32": ("official_fp32", "reference_mode"), "fast": ("official_autocast", "reference_mode"),
+             "compiled": ("official_autocast", "reference_mode")}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +59,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "inputs (fp32 eager and autocast) and compute speed-ups against it")
     parser.add_argument("--fast-dtype", choices=sorted(DTYPES), default="bf16",
                         help="dtype of our fast path and of the official autocast rows (default bf16)")
-    parser.add_argument("--variants", type=parse_variants, default=list(VARIANTS), metavar="V[,V...]",
-                        help=f"variants to time (default all): {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", type=parse_variants, default=list(DEFAULT_VARIANTS), metavar="V[,V...]",
+                        help=f"variants to time (default all but compiled): {', '.join(VARIANTS)}")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the compiled rows (tatitok_fast.compile of the fast path; compile time reported "
+                             "apart from the steady-state time)")
+    parser.add_argument("--compile-cache", metavar="DIR", default=None,
+                        help="with --compile: inductor's cache directory (default: $TORCHINDUCTOR_CACHE_DIR)")
     parser.add_argument("--min-run-time", type=float, default=None, metavar="S",
                         help="seconds of timed calls per row (default 2, 0.05 with --quick)")
     parser.add_argument("--rounds", type=positive_int, default=None, metavar="N",
@@ -85,6 +95,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     """Argument checks shared by the model suites, before anything is built."""
     if args.min_run_time is not None and not args.min_run_time > 0:
         raise ValueError(f"--min-run-time: expected seconds > 0, got {args.min_run_time}")
+    if getattr(args, "compile", False) and "compiled" not in args.variants:
+        args.variants = [v for v in VARIANTS if v in args.variants or v == "compiled"]
     if any(v.startswith("official") for v in args.variants) and args.official is None:
         args.variants = [v for v in args.variants if not v.startswith("official")]
     if args.official is not None:
@@ -175,16 +187,41 @@ def min_run_time(args) -> float:
     return 0.05 if args.quick else 2.0
 
 
+def compiled_model(model, args):
+    """tatitok_fast.compile of (a copy of) `model`, for the compiled rows."""
+    import copy
+
+    from tatitok_fast.compile import compile as compile_model
+
+    return compile_model(copy.deepcopy(model), cache_dir=getattr(args, "compile_cache", None))
+
+
+def warm_compiled(case: ModelCase) -> dict[str, float]:
+    """Seconds of the first call of each compiled variant (the compile, or a cache load, plus
+    one run): spent before timing, so that the timed rounds are the steady state."""
+    import time
+
+    out = {}
+    for v in case.variants:
+        if v.key == "compiled":
+            t0 = time.perf_counter()
+            v.fn()
+            out[v.key] = time.perf_counter() - t0
+    return out
+
+
 def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
     """Time every variant of `case` with the harness; speed-ups against its baseline row."""
     rows: dict[str, Measurement] = {}
+    compile_s = warm_compiled(case)
     timings = measure_interleaved([v.fn for v in case.variants], device=device, min_run_time=min_run_time(args),
                                   memory=args.quick or device == "cuda", rounds=getattr(args, "rounds", None))
     for v, t in zip(case.variants, timings):
         rows[v.key] = Measurement(suite=case.suite, case=case.case, impl=v.impl, device=device,
                                   dtype=dtype_name(v.dtype), shapes=case.shapes, median_ms=t.median_ms,
                                   iqr_ms=t.iqr_ms, peak_extra_mb=to_mib(t.peak_extra_bytes), variant=v.label(),
-                                  items_per_s=case.items / (t.median_ms * 1e-3), timer=t.timer)
+                                  items_per_s=case.items / (t.median_ms * 1e-3), timer=t.timer,
+                                  compile_s=compile_s.get(v.key))
     for v in case.variants:
         base = case.baseline_of(v.key)
         if base is not None:

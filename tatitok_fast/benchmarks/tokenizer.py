@@ -18,8 +18,8 @@ from tatitok_fast import presets
 from tatitok_fast.benchmarks import official as off
 from tatitok_fast.benchmarks.harness import Report
 from tatitok_fast.benchmarks.models import (add_model_arguments, autocast, build_model,
-                                            check_model_args, dtype_name, fast_dtype, make_case, model_report,
-                                            positive_int)
+                                            check_model_args, compiled_model, dtype_name, fast_dtype, make_case,
+                                            model_report, positive_int)
 from tatitok_fast.ops import reference_mode
 
 CASES = ("encode", "decode", "encode+decode")
@@ -109,6 +109,8 @@ def cases(args, device: str, notes: list[str]) -> list[ModelCase]:
 
     variants = {"fp32": (torch.float32, ours_fns(ours, False)), "fast": (dtype, ours_fns(fast, True)),
                 "reference_mode": (torch.float32, reference_fns())}
+    if "compiled" in args.variants:
+        variants["compiled"] = (dtype, ours_fns(compiled_model(fast, args), True))
     if official is not None:
         variants = {"official_fp32": (torch.float32, official_fns(torch.float32)),
                     "official_autocast": (dtype, official_fns(dtype)), **variants}

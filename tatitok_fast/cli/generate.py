@@ -18,6 +18,7 @@ from tqdm import tqdm
 from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_sampling_arguments,
                                      add_text_encoder_arguments, load_text_encoder,
                                      load_tokenizer, run_command, runtime)
+from tatitok_fast.compile import add_compile_arguments, compile_if_asked
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_arguments(p)
     add_class_sampling_arguments(p, with_common=False)
     add_runtime_arguments(p)
+    add_compile_arguments(p)
     add_text_encoder_arguments(p)
     p.set_defaults(func=_dispatch)
 
@@ -111,6 +113,8 @@ def generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"--generator {args.generator} / --tokenizer {args.tokenizer}: {exc}") from None
     text_encoder = load_text_encoder(args, device, [("--generator", generator.config), ("--tokenizer", tokenizer.config)])
+    compile_if_asked(args, generator, "--generator", CommandError)  # in place
+    compile_if_asked(args, tokenizer, "--tokenizer", CommandError)
     pipe = TextToImage(generator, tokenizer, text_encoder)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,8 @@ def generate_classes(args: argparse.Namespace) -> int:
     tokenizer_name = default_tokenizer(args.generator, args.tokenizer)
     device, dtype = runtime(args)
     pipe = class_pipeline(args, tokenizer_name, device, dtype)
+    compile_if_asked(args, pipe.generator, "--generator", CommandError)  # in place
+    compile_if_asked(args, pipe.tokenizer, "--tokenizer", CommandError)
     if max(ids) >= pipe.num_classes:
         raise CommandError(f"--class {max(ids)}: the generator knows classes [0, {pipe.num_classes})")
     overrides = class_sampling_overrides(args)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from tatitok_fast.cli.common import (CommandError, add_runtime_arguments, add_text_encoder_arguments, load_text_encoder,
                                      load_tokenizer, run_command, runtime)
+from tatitok_fast.compile import add_compile_arguments, compile_if_asked
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                      "beside each image with the same name, else empty)")
     p.add_argument("--sample", action="store_true", help="KL tokenizers: decode a posterior sample, not its mean")
     add_runtime_arguments(p)
+    add_compile_arguments(p)
     add_text_encoder_arguments(p)
     p.set_defaults(func=run_command(reconstruct))
 
@@ -51,7 +53,7 @@ def reconstruct(args: argparse.Namespace) -> int:
         raise CommandError(f"no image files found in {args.images}")
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(args, device, dtype)
+    tokenizer = compile_if_asked(args, load_tokenizer(args, device, dtype), "--tokenizer", CommandError)
     from tatitok_fast import TATiTok
 
     text_path = isinstance(tokenizer, TATiTok)  # TiTok and the MaskGIT-VQGAN decode without captions

@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from tatitok_fast.cli.common import CommandError, add_runtime_arguments, load_tokenizer, run_command, runtime
+from tatitok_fast.compile import add_compile_arguments, compile_if_asked
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -67,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images and samples without an aes_score instead of stopping")
     add_runtime_arguments(p)
+    add_compile_arguments(p)
     p.set_defaults(func=run_command(tokenize))
 
 
@@ -231,6 +233,7 @@ def tokenize(args: argparse.Namespace) -> int:
         files, labels = _folder_labels(args.inputs)
     tokenizer = load_tokenizer(args, device, dtype)
     _check_expectations(args, tokenizer)
+    compile_if_asked(args, tokenizer, "--tokenizer", CommandError)  # in place
     if args.labels and tokenizer.quantize_mode != "vq":
         raise CommandError(f"--labels: class-labelled shards hold VQ ids; --tokenizer {args.tokenizer} makes "
                            f"{tokenizer.quantize_mode} tokens")
