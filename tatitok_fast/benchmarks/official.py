@@ -21,7 +21,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Mapping
 
 import torch
@@ -161,3 +161,23 @@ def check_equal_ids(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
         n = int((got != want).sum()) if got.shape == want.shape else -1
         raise AgreementError(f"{what}: token ids differ from the official ids ({n} of {want.numel()} differ; "
                              f"shapes {tuple(got.shape)} vs {tuple(want.shape)})")
+
+
+@contextlib.contextmanager
+def offline_perceptual():
+    """torchvision builders with weights=None and LPIPS without its download, while the
+    official loss module is constructed (`modeling.modules.lpips` must be imported). LPIPS only
+    reads vgg16().features: the stand-in skips building the 120M-parameter classifier."""
+    import torchvision.models as tvm
+    from torchvision.models.vgg import cfgs, make_layers
+
+    lpips = sys.modules["modeling.modules.lpips"]
+    saved = tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained
+    convnext_small = tvm.convnext_small
+    tvm.vgg16 = lambda weights=None, **kw: SimpleNamespace(features=make_layers(cfgs["D"]))
+    tvm.convnext_small = lambda weights=None, **kw: convnext_small(weights=None, **kw)
+    lpips.LPIPS.load_pretrained = lambda self: None
+    try:
+        yield
+    finally:
+        tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained = saved

@@ -8,7 +8,7 @@
 The MaskGIT-VQGAN's target codes are part of the synthetic batch (the frozen helper runs
 outside the timed step on both sides, as the text tower does for TA-TiTok); fp16 autocast with
 a GradScaler on CUDA (the configs' mixed_precision), bf16 autocast on CPU; perceptual
-networks with random weights (official_training.offline_perceptual).
+networks with random weights (official.offline_perceptual).
 
 On CPU the official loss runs its perceptual networks in bf16 (its
 `torch.cuda.amp.autocast(enabled=False)` leaves CPU autocast on) while ours keeps the loss in
@@ -39,7 +39,7 @@ def _loss(case, root, stage: str):
     import modeling.modules.lpips  # noqa: F401  (patched while the loss is built)
     from modeling.modules import losses
 
-    from tatitok_fast.benchmarks.official_training import offline_perceptual
+    from tatitok_fast.benchmarks.official import offline_perceptual
 
     c = case.cfg.loss
     cfg = OmegaConf.create({"model": case.model.config["model"], "losses": {

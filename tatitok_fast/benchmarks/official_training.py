@@ -14,33 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import sys
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from tatitok_fast.benchmarks.official import import_official, official_model
-
-
-@contextlib.contextmanager
-def offline_perceptual():
-    """torchvision builders with weights=None and LPIPS without its download, while the
-    official loss module is constructed (`modeling.modules.lpips` must be imported). LPIPS only
-    reads vgg16().features: the stand-in skips building the 120M-parameter classifier."""
-    import torchvision.models as tvm
-    from torchvision.models.vgg import cfgs, make_layers
-
-    lpips = sys.modules["modeling.modules.lpips"]
-    saved = tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained
-    convnext_small = tvm.convnext_small
-    tvm.vgg16 = lambda weights=None, **kw: SimpleNamespace(features=make_layers(cfgs["D"]))
-    tvm.convnext_small = lambda weights=None, **kw: convnext_small(weights=None, **kw)
-    lpips.LPIPS.load_pretrained = lambda self: None
-    try:
-        yield
-    finally:
-        tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained = saved
+from tatitok_fast.benchmarks.official import import_official, offline_perceptual, official_model
 
 
 def _config(case, **losses):

@@ -27,7 +27,7 @@ def import_official(module: str, deps=("omegaconf", "einops", "accelerate", "tor
 def offline_official_builders():
     """torchvision's vgg16 / convnext_small build with weights=None and LPIPS skips its
     download, while official modules are constructed (the benchmarks' patch, used here too)."""
-    from tatitok_fast.benchmarks.official_training import offline_perceptual
+    from tatitok_fast.benchmarks.official import offline_perceptual
 
     import_official("modeling.modules.lpips")
     with offline_perceptual():
