@@ -157,7 +157,11 @@ def eval_reconstruct(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     features = _features(args, device)
     tokenizer = load_tokenizer(args, device, dtype)
-    text_encoder = load_text_encoder(args, device, [("--tokenizer", tokenizer.config)])
+    from tatitok_fast import TATiTok
+
+    # TiTok and the MaskGIT-VQGAN decode without captions: no text tower to load
+    text_encoder = (load_text_encoder(args, device, [("--tokenizer", tokenizer.config)])
+                    if isinstance(tokenizer, TATiTok) else None)
     torch.manual_seed(args.seed)
 
     def batches():

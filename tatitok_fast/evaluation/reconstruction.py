@@ -55,9 +55,12 @@ def evaluate_reconstruction(tokenizer: torch.nn.Module, batches: Iterable, text_
                             autocast_dtype: torch.dtype | None = None) -> dict:
     """Reconstruct `batches` through `tokenizer` and measure the result.
 
-    tokenizer: a TATiTok (or a wrapper with its forward(images, text_guidance) and attributes).
+    tokenizer: a TATiTok (or a wrapper with its forward(images, text_guidance) and attributes),
+        or, with text_encoder=None, a tokenizer without a text path (TiTok, MaskGITVQGAN):
+        reconstructed as detokenize(tokenize(images)) (KL: the posterior mean).
     batches: iterable of (images (B, 3, H, W) in [0, 1], captions) pairs or dicts.
-    text_encoder: CLIPTextEncoder (or a callable captions -> (B, 77, D) guidance).
+    text_encoder: CLIPTextEncoder (or a callable captions -> (B, 77, D) guidance); None for
+        tokenizers that decode without captions.
     features: an InceptionFeatures (rFID, InceptionScore); None: PSNR / SSIM / codebook only.
     keep_images: return the first N originals and reconstructions under "samples".
     autocast_dtype: run the tokenizer under autocast in this dtype (None: its own dtype).
@@ -88,9 +91,13 @@ def evaluate_reconstruction(tokenizer: torch.nn.Module, batches: Iterable, text_
             if max_images is not None:
                 images, captions = images[:max_images - seen], captions[:max_images - seen]
             x = images.to(device).float().clamp(0, 1)
-            guidance = _guidance(text_encoder, captions).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                recon, result = tokenizer(x.to(dtype), guidance.to(dtype))
+                if text_encoder is None:  # no text path: tokens -> images
+                    tokens = tokenizer.tokenize(x.to(dtype))
+                    recon, result = tokenizer.detokenize(tokens), {"min_encoding_indices": tokens}
+                else:
+                    guidance = _guidance(text_encoder, captions).to(device)
+                    recon, result = tokenizer(x.to(dtype), guidance.to(dtype))
             recon = (recon.float().clamp(0, 1) * 255).round() / 255  # uint8 levels
             psnr_m.update(psnr(recon, x))
             ssim_m.update(ssim(recon, x))

@@ -204,3 +204,29 @@ def test_generate_cli_errors(assets, tmp_path, capsys):
     for argv, message in cases:
         assert _run(*argv) == 2, argv
         assert message in capsys.readouterr().err, message
+
+
+def test_reconstruct_cli_titok_needs_no_text_tower(assets, tmp_path, monkeypatch):
+    """TiTok decodes without captions: eval reconstruct loads no CLIP (offline, no weights) and
+    its PSNR is that of detokenize(tokenize(images)) on the same batches."""
+    from tatitok_fast import TiTok
+    from tatitok_fast.evaluation.data import image_batches
+    from tatitok_fast.presets import tiny_titok_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    tok = TiTok(tiny_titok_config("vq")).eval()
+    tok.save_pretrained(tmp_path / "titok")
+    out = tmp_path / "titok.json"
+    assert _run("reconstruct", assets / "images", "--tokenizer", tmp_path / "titok", "-o", out, "--no-inception",
+                "--grid-size", "0") == 0
+    m = json.loads(out.read_text())["metrics"]
+    with torch.no_grad():
+        values = []
+        for b in image_batches([str(assets / "images")], tok.image_size, 8, None):
+            x = b.images.float().clamp(0, 1)
+            recon = (tok.detokenize(tok.tokenize(x)) * 255).round() / 255
+            values.append(psnr(recon, x))
+    expected = torch.cat([v.reshape(-1) for v in values]).mean().item()
+    assert m["num_images"] == 3 and m["psnr"] == pytest.approx(expected, rel=1e-5)
+    assert 0 < m["codebook_usage"] <= 1
