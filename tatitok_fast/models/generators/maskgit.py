@@ -200,12 +200,14 @@ class ImageBert(PretrainedModel):
                 or ids.dtype == torch.bool:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name}: expected integer token ids (B, N), got {got}")
-        if ids.numel():
+        if ids.numel() and _host_checkable(ids):
             lo, hi = torch.aminmax(ids)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi > high:
                 raise ValueError(f"{name}: ids must be in {what} with K={self.target_codebook_size}, "
                                  f"got values in [{lo}, {hi}]")
+        elif ids.numel() and ids.device.type != "meta":  # on a GPU: a device-side assert, no host sync per step
+            torch._assert_async(((ids >= 0) & (ids <= high)).all(), f"{name}: ids must be in {what}")
         return ids.to(self._device(), torch.long)
 
     def _check_condition(self, condition, batch: int | None = None, allow_drop_label: bool = False) -> torch.Tensor:
@@ -226,9 +228,14 @@ class ImageBert(PretrainedModel):
             raise ValueError(f"condition: expected {batch} class ids (one per row of input_ids), got {condition.shape[0]}")
         if condition.numel() == 0:
             raise ValueError("condition: expected at least one class id, got an empty tensor")
+        top = c if allow_drop_label else c - 1
+        if not _host_checkable(condition):  # on a GPU: a device-side assert, no host sync per step
+            if condition.device.type != "meta":
+                torch._assert_async(((condition >= 0) & (condition <= top)).all(),
+                                    f"condition: class ids must be in [0, {top}]")
+            return condition.to(self._device(), torch.long)
         lo, hi = torch.aminmax(condition)
         lo, hi = int(lo), int(hi)
-        top = c if allow_drop_label else c - 1
         if lo < 0 or hi > top:
             bad = lo if lo < 0 else hi
             want = f"[0, {c}] ({c}: the class-drop label)" if allow_drop_label else f"[0, {c})"
@@ -355,3 +362,9 @@ class UViTBert(ImageBert):
         for blk in self.out_blocks:
             x = blk(x, skips.pop())
         return self.lm_head(self.norm(x)[:, 1:])
+
+
+def _host_checkable(t: torch.Tensor) -> bool:
+    """Value checks that read the tensor on the host: CPU tensors outside torch.compile (a CUDA
+    tensor would cost a device sync per call, so it gets torch._assert_async instead)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
