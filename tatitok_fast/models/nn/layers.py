@@ -31,6 +31,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # under torch.compile: a constant, not a graph break per layer
 def _cpu_has_native(dtype: torch.dtype) -> bool:
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     fn = getattr(torch.ops.mkldnn, check, None)
