@@ -41,8 +41,16 @@ def model_config(model_cfg, kind: str, table: dict | None = None, tiny: dict | N
     else:
         raise ConfigError(f"model.config: {name!r} is not a {kind} preset ({sorted(table)}), "
                           f"{sorted(tiny)}, or a config.json path / directory")
+    config = apply_overrides(config, model_cfg.overrides)
+    if not own:
+        config.setdefault("model", {})["text_encoder"] = dict(model_cfg.text_encoder)
+    return config
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+    """A copy of `config` with model.overrides applied ({"model.vq_model.token_size": 8, ...})."""
     config = copy.deepcopy(config)
-    for dotted, value in model_cfg.overrides.items():
+    for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -50,8 +58,6 @@ def model_config(model_cfg, kind: str, table: dict | None = None, tiny: dict | N
             if not isinstance(node, dict):
                 raise ConfigError(f"model.overrides.{dotted}: {p} is not a table in the model config")
         node[leaf] = value
-    if not own:
-        config.setdefault("model", {})["text_encoder"] = dict(model_cfg.text_encoder)
     return config
 
 

@@ -18,7 +18,6 @@ model.config: titok_l32 / titok_b64 / titok_s128 (the official generator configs
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,16 +63,7 @@ def maskgit_config(model_cfg) -> dict:
     else:
         raise ConfigError(f"model.config: {name!r} is not a MaskGIT generator preset "
                           f"({sorted(presets.TITOK_GENERATORS)}), {sorted(TINY)}, or a config.json path / directory")
-    config = copy.deepcopy(config)
-    for dotted, value in model_cfg.overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"model.overrides.{dotted}: {p} is not a table in the model config")
-        node[leaf] = value
-    return config
+    return common.apply_overrides(config, model_cfg.overrides)
 
 
 def training_masks(n: int, generator: torch.Generator) -> torch.Tensor:
