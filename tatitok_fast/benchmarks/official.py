@@ -181,3 +181,26 @@ def offline_perceptual():
         yield
     finally:
         tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained = saved
+
+
+def official_mixed_precision(device: torch.device):
+    """The official training step's precision on `device`: autocast fp16 + GradScaler on CUDA
+    (its configs' mixed_precision: fp16), autocast bf16 on CPU. Returns (autocast kwargs,
+    backward_step(loss, params, optimizer): backward, unscale, clip 1.0, step, zero_grad)."""
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    amp = dict(device_type=device.type, dtype=torch.float16 if cuda else torch.bfloat16)
+
+    def backward_step(loss, params, optimizer):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        (scaler.step(optimizer) if scaler is not None else optimizer.step())
+        if scaler is not None:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return amp, backward_step

@@ -19,9 +19,8 @@ in fp32; B=4, 64 px, 2 cores).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
-from tatitok_fast.benchmarks.official import import_official, official_model
+from tatitok_fast.benchmarks.official import import_official, official_mixed_precision, official_model
 
 
 def titok_batch(case, g: torch.Generator) -> dict:
@@ -69,21 +68,7 @@ def titok_step_fn(case, path: str):
     opt = torch.optim.AdamW(params, lr=case.cfg.optimizer.lr, betas=tuple(case.cfg.optimizer.betas),
                             weight_decay=case.cfg.optimizer.weight_decay)
     d_opt = torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr) if stage != "stage1" else None
-    cuda = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if cuda else None
-    amp = dict(device_type=dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
-
-    def backward_step(loss, ps, optimizer):
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        nn.utils.clip_grad_norm_(ps, 1.0)
-        (scaler.step(optimizer) if scaler is not None else optimizer.step())
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    amp, backward_step = official_mixed_precision(dev)
 
     def step():
         with torch.autocast(**amp):

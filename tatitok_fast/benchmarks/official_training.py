@@ -18,7 +18,7 @@ import io
 import torch
 import torch.nn as nn
 
-from tatitok_fast.benchmarks.official import import_official, offline_perceptual, official_model
+from tatitok_fast.benchmarks.official import import_official, official_mixed_precision, official_model, offline_perceptual
 
 
 def _config(case, **losses):
@@ -109,21 +109,7 @@ def step_fn(case, path: str):
                             weight_decay=case.cfg.optimizer.weight_decay)
     d_opt = (torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr)
              if kind == "tatitok" else None)
-    cuda = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if cuda else None
-    amp = dict(device_type=dev.type, dtype=torch.float16 if cuda else torch.bfloat16)
-
-    def backward_step(loss, params, optimizer):
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        (scaler.step(optimizer) if scaler is not None else optimizer.step())
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    amp, backward_step = official_mixed_precision(dev)
 
     def step():
         with torch.autocast(**amp):
