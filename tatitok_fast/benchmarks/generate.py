@@ -32,23 +32,31 @@ RANDOMIZE_TEMPERATURE = 2.0  # MaskGen-VQ: the config's "temperature" of the zoo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", default="maskgen_vq_xl",
-                        help=f"preset ({', '.join(sorted(presets.GENERATORS))}) or checkpoint dir / Hub id")
+                        help=f"preset ({', '.join(sorted(presets.ALL_GENERATORS))}) or checkpoint dir / Hub id; "
+                             "titok_*: class-to-image, see benchmarks/titok.py")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for the decode row (default: the matching one)")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the config's)")
     parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode rows")
     add_model_arguments(parser)
+    from tatitok_fast.benchmarks import titok  # TiTok / MaskGIT specifics (they import tokenizer.py)
+
+    titok.add_dtype_alias(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:
     check_model_args(args)
-    if args.tokenizer is not None and args.tokenizer not in presets.TOKENIZERS and not Path(args.tokenizer).exists():
-        raise ValueError(f"--tokenizer: expected a preset ({', '.join(sorted(presets.TOKENIZERS))}) or a checkpoint "
+    if args.tokenizer is not None and args.tokenizer not in presets.ALL_TOKENIZERS and not Path(args.tokenizer).exists():
+        raise ValueError(f"--tokenizer: expected a preset ({', '.join(sorted(presets.ALL_TOKENIZERS))}) or a checkpoint "
                          f"directory, got {args.tokenizer!r}")
 
 
 def case_names(args: argparse.Namespace) -> list[str]:
     """The cases `cases(args, ...)` returns, known before anything is built."""
+    from tatitok_fast.benchmarks import titok
+
+    if titok.is_titok_generator(args.generator):
+        return titok.generate_case_names(args, getattr(args, "device", None))
     return ["generate"] if args.no_decode else list(CASES)
 
 
@@ -73,8 +81,11 @@ def cases(args, device: str, notes: list[str]):
     """Build generator, tokenizer and text encoder, check agreement with the official code,
     and return the timed cases."""
     from tatitok_fast import MaskGen_KL, MaskGen_VQ, TATiTok
+    from tatitok_fast.benchmarks import titok
     from tatitok_fast.text import CLIPTextEncoder
 
+    if titok.is_titok_generator(args.generator):
+        return titok.generate_cases(args, device, notes)
     gen_cfg, mode = _generator_config(args)
     if args.quick:
         text_encoder = CLIPTextEncoder.tiny().to(device)

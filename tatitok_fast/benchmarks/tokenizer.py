@@ -28,12 +28,16 @@ LOW_PRECISION_FLOOR = 1e-2  # fast path vs official fp32: accepted whatever the 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tatitok_bl32_vae", choices=sorted(presets.TOKENIZERS))
+    parser.add_argument("--preset", "--model", default="tatitok_bl32_vae", choices=sorted(presets.ALL_TOKENIZERS),
+                        help="TA-TiTok or TiTok (titok_*, see benchmarks/titok.py) preset")
     parser.add_argument("--checkpoint", default=None, help="checkpoint dir / Hub id instead of random weights")
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--cases", type=_parse_cases, default=list(CASES), metavar="C[,C...]",
                         help=f"cases to time (default all): {', '.join(CASES)}")
     add_model_arguments(parser)
+    from tatitok_fast.benchmarks import titok  # TiTok specifics (imports this module's tolerances)
+
+    titok.add_dtype_alias(parser)
 
 
 def _parse_cases(text: str) -> list[str]:
@@ -60,7 +64,10 @@ def cases(args, device: str, notes: list[str]) -> list[ModelCase]:
     """Build the models and inputs, check agreement with the official code, and return the
     timed cases (closures over the same inputs for every variant)."""
     from tatitok_fast import TATiTok
+    from tatitok_fast.benchmarks import titok
 
+    if titok.is_titok_tokenizer(args.preset):
+        return titok.tokenizer_cases(args, device, notes)
     mode = presets.TOKENIZERS[args.preset]["model"]["vq_model"]["quantize_mode"]
     config = presets.tiny_tokenizer_config(mode) if args.quick else presets.preset_config(args.preset)
     ours = build_model(TATiTok, args.checkpoint or args.preset, config, device)  # fp32
