@@ -46,8 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     check_model_args(args)
-    if args.tokenizer is not None and args.tokenizer not in presets.ALL_TOKENIZERS and not Path(args.tokenizer).exists():
-        raise ValueError(f"--tokenizer: expected a preset ({', '.join(sorted(presets.ALL_TOKENIZERS))}) or a checkpoint "
+    from tatitok_fast.benchmarks import titok
+
+    if titok.is_titok_generator(args.generator):
+        return titok.check_generate_args(args)
+    if args.tokenizer is not None and args.tokenizer not in presets.TOKENIZERS and not Path(args.tokenizer).exists():
+        raise ValueError(f"--tokenizer: expected a preset ({', '.join(sorted(presets.TOKENIZERS))}) or a checkpoint "
                          f"directory, got {args.tokenizer!r}")
 
 

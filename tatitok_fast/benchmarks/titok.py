@@ -67,6 +67,24 @@ def is_titok_generator(name: str | None) -> bool:
     return path.is_file() and "generator" in read_config(path).get("model", {})
 
 
+def check_tokenizer_args(args: argparse.Namespace) -> None:
+    """bench tokenizer --model titok_*: VQ tokenizers only (the official VAE encode samples)."""
+    if presets.TITOK_TOKENIZERS[args.preset]["model"]["vq_model"].get("quantize_mode", "vq") != "vq":
+        vq = sorted(n for n, c in presets.TITOK_TOKENIZERS.items() if c["model"]["vq_model"].get("quantize_mode",
+                                                                                               "vq") == "vq")
+        raise ValueError(f"--model: the TiTok benchmark times VQ tokenizers ({', '.join(vq)}), got {args.preset!r} "
+                         "(a VAE: the official encode samples its posterior)")
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    """bench generate --generator titok_*: the decode rows need a TiTok (preset or directory)."""
+    if args.tokenizer is not None and args.tokenizer not in presets.TITOK_TOKENIZERS \
+            and not Path(args.tokenizer).is_dir():
+        raise ValueError(f"--tokenizer: a TiTok generator's ids decode with a TiTok: expected a preset "
+                         f"({', '.join(sorted(presets.TITOK_TOKENIZERS))}) or a checkpoint directory, "
+                         f"got {args.tokenizer!r}")
+
+
 def generate_case_names(args: argparse.Namespace, device: str | None = None) -> list[str]:
     if args.no_decode:
         return ["generate"]
@@ -135,10 +153,8 @@ def _under_autocast(device: str, amp: torch.dtype, fn):
 # bench tokenizer --model titok_*
 
 def tokenizer_cases(args, device: str, notes: list[str]):
+    check_tokenizer_args(args)
     ours = _build_tokenizer(args.preset, args.checkpoint, args.quick, device)  # fp32
-    if ours.quantize_mode != "vq":
-        raise ValueError(f"--model {args.preset}: the TiTok benchmark times VQ tokenizers (titok_l32, "
-                         "titok_bl128_vq8k, ...); the official VAE encode samples its posterior")
     dtype = fast_dtype(args)
     fast = copy.deepcopy(ours).to(dtype)
     b, size = args.batch, ours.image_size

@@ -49,6 +49,10 @@ def _parse_cases(text: str) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     check_model_args(args)
+    from tatitok_fast.benchmarks import titok
+
+    if titok.is_titok_tokenizer(args.preset):
+        titok.check_tokenizer_args(args)
 
 
 def case_names(args: argparse.Namespace) -> list[str]:
