@@ -58,6 +58,12 @@ run tokenizer_bl32_vae tokenizer --preset tatitok_bl32_vae --batch 64 ${OFFICIAL
 run tokenizer_bl128_vq tokenizer --preset tatitok_bl128_vq --batch 64 ${OFFICIAL:+--official "$OFFICIAL"}
 run generate_vq_xl generate --generator maskgen_vq_xl --batch 64 --steps 16 ${OFFICIAL:+--official "$OFFICIAL"}
 run generate_kl_xl generate --generator maskgen_kl_xl --batch 32 ${OFFICIAL:+--official "$OFFICIAL"}
+# TiTok (issue 16): the tokenizers, then class-to-image (MaskGIT ids -> TiTok decode -> pixels), the
+# GPU goal's unit: TiTok-L-32 at batch 256 bf16 (goal >= 1000 images/s; the official ImageBert needs
+# transformers); ours with the CUDA-graph loop (class-to-image) and without (class-to-image eager loop)
+run tokenizer_titok_l32 tokenizer --model titok_l32 --batch 64 ${OFFICIAL:+--official "$OFFICIAL"}
+run tokenizer_titok_bl128 tokenizer --model titok_bl128_vq8k --batch 64 ${OFFICIAL:+--official "$OFFICIAL"}
+run generate_titok_l32 generate --generator titok_l32 --batch 256 --dtype bf16 ${OFFICIAL:+--official "$OFFICIAL"}
 # training: the engine's GPU paths, then one step of ours (bf16, torchao FP8, TE FP8 where installed)
 # vs the official training step when OFFICIAL points at a 1d-tokenizer checkout
 python -m pytest -q tests/training -x -p no:cacheprovider > "$OUT/train_tests.log" 2>&1; echo "rc=$?" >> "$OUT/train_tests.log"
