@@ -72,8 +72,8 @@ def test_bench_generate_titok_class_to_image_against_official(official_titok, tm
 def test_case_names_are_the_cases_built():
     from tatitok_fast.benchmarks import generate, titok
 
-    args = argparse.Namespace(generator="titok_l32", tokenizer="titok_bl128_vq8k", no_decode=False, quick=True, steps=2, batch=1,
-                              official=None, variants=["fast"], fast_dtype="bf16", device="cpu")
+    args = argparse.Namespace(generator="titok_l32", tokenizer="titok_bl128_vq8k", no_decode=False, quick=True,
+                              steps=2, batch=1, official=None, variants=["fast"], fast_dtype="bf16", device="cpu")
     built = [c.case for c in titok.generate_cases(args, "cpu", [])]
     assert generate.case_names(args) == built == ["generate", "decode", "class-to-image"]
     args.device = "cuda"
@@ -141,7 +141,8 @@ def test_generate_agreement_and_a_mismatch(official_titok):
     torch.manual_seed(0)
     ours = ImageBert(tiny_generator_config(_tiny_tokenizer_config("titok_l32"))).eval()
     with torch.no_grad():
-        ours.get_parameter("model.lm_head.weight").mul_(50.0)  # peaked logits: a wrong model cannot match the ids by chance
+        # peaked logits: a wrong model cannot match the ids by chance
+        ours.get_parameter("model.lm_head.weight").mul_(50.0)
     settings = sampling_settings(ours)
     labels = torch.tensor([0, 3, 7])
     official = official_generator(official_titok.ImageBert, ours)

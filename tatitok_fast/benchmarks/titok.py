@@ -323,7 +323,8 @@ def generate_cases(args, device: str, notes: list[str]):
                                                                                                     "torch")))})}
         if "compiled" in args.variants:
             tc, gc = compiled_model(tok_fast, args), compiled_model(fast, args)
-            v["compiled"] = (dtype, {"decode": lambda: tc.decode_tokens(ids), "e2e": pixels(tc, ours_generate(gc, graph))})
+            v["compiled"] = (dtype, {"decode": lambda: tc.decode_tokens(ids),
+                                     "e2e": pixels(tc, ours_generate(gc, graph))})
         if tok_off is not None:
             v = {"official_fp32": (torch.float32, {"decode": lambda: tok_off.decode_tokens(ids),
                                                    "e2e": official_e2e(torch.float32)}),
