@@ -107,6 +107,7 @@ class Step:
             c = r.token_size
             out["tokens"] = torch.cat([torch.randn(b, c, 1, r.num_tokens, generator=g),
                                        torch.full((b, c, 1, r.num_tokens), -2.0)], 1).to(dev)
+            out.update({k: v.to(dev) for k, v in r._kl_draws(list(range(b))).items()})  # the per-sample draws
         return out
 
     def ours(self, backend: str):

@@ -94,7 +94,10 @@ def test_torchao_converts_the_expected_layers_and_changes_the_numbers(case):
     got = loss_of(step, f8)
     assert torch.isfinite(got)
     assert got.item() != ref.item(), f"{name}: the Float8 run gave the fp32 loss exactly: no FP8 matmul ran"
-    torch.testing.assert_close(got, ref, rtol=0.05, atol=1e-3)
+    # MaskGen-KL's diffusion loss (its variational-bound term at small t) amplifies e4m3's ~6 %
+    # rounding: 1.5-11 % over five batches of draws; the other losses stay within 5 %
+    rtol = 0.15 if name == "maskgen_kl_tiny" else 0.05
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=1e-3)
     got.backward()
     for n, p in f8.named_parameters():
         if p.requires_grad and n.rsplit(".", 1)[0] in expected:
