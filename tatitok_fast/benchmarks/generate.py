@@ -22,7 +22,8 @@ from tatitok_fast.benchmarks import official as off
 from tatitok_fast.benchmarks.harness import Report
 from tatitok_fast.benchmarks.models import (add_model_arguments, autocast, build_model, check_model_args,
                                             compiled_model, fast_dtype, make_case, model_report, positive_int)
-from tatitok_fast.benchmarks.tokenizer import FP32_TOL, check_decode_agreement
+from tatitok_fast.benchmarks.official import FP32_TOL
+from tatitok_fast.benchmarks.tokenizer import check_decode_agreement
 from tatitok_fast.ops import reference_mode
 
 DEFAULT_TOKENIZER = {"vq": "tatitok_bl128_vq", "vae": "tatitok_bl32_vae"}

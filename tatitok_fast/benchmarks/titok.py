@@ -34,7 +34,7 @@ from tatitok_fast import presets
 from tatitok_fast.benchmarks import official as off
 from tatitok_fast.benchmarks.models import (DTYPES, autocast, build_model, compiled_model, dtype_name, fast_dtype,
                                             make_case)
-from tatitok_fast.benchmarks.tokenizer import FP32_TOL, LOW_PRECISION_FLOOR
+from tatitok_fast.benchmarks.official import FP32_TOL, LOW_PRECISION_FLOOR
 from tatitok_fast.ops import reference_mode
 
 TOKENIZER_CASES = ("encode", "decode", "encode+decode")

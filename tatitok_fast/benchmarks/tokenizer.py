@@ -16,15 +16,14 @@ import torch
 
 from tatitok_fast import presets
 from tatitok_fast.benchmarks import official as off
+from tatitok_fast.benchmarks.official import FP32_TOL, LOW_PRECISION_FLOOR
 from tatitok_fast.benchmarks.harness import Report
-from tatitok_fast.benchmarks.models import (add_model_arguments, autocast, build_model,
+from tatitok_fast.benchmarks.models import (ModelCase, add_model_arguments, autocast, build_model,
                                             check_model_args, compiled_model, dtype_name, fast_dtype, make_case,
                                             model_report, positive_int)
 from tatitok_fast.ops import reference_mode
 
 CASES = ("encode", "decode", "encode+decode")
-FP32_TOL = 1e-4  # relative error of ours vs official in fp32 (parity tests see ~1e-6)
-LOW_PRECISION_FLOOR = 1e-2  # fast path vs official fp32: accepted whatever the autocast error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=_parse_cases, default=list(CASES), metavar="C[,C...]",
                         help=f"cases to time (default all): {', '.join(CASES)}")
     add_model_arguments(parser)
-    from tatitok_fast.benchmarks import titok  # TiTok specifics (imports this module's tolerances)
+    from tatitok_fast.benchmarks import titok  # TiTok specifics
 
     titok.add_dtype_alias(parser)
 
