@@ -56,10 +56,11 @@ class Step:
         over = ["--data.shards", "synthetic.tar", "--training.device", device]
         if batch:
             over += ["--training.local_batch_size", str(batch)]
-        if quick:  # the tiny presets' official ViT sizes (the official code knows no "tiny" ViT)
-            over += ["--model.overrides", '{"model.vq_model.vit_enc_model_size": "small", '
-                     '"model.vq_model.vit_dec_model_size": "small"}' if "titok" in path.stem else "{}"]
         cfg = load_config(path, over)
+        if quick and "titok" in path.stem:  # official ViT sizes (the official code knows no "tiny" ViT),
+            cfg.model.overrides = {**cfg.model.overrides,  # added to the recipe's own overrides
+                                   "model.vq_model.vit_enc_model_size": "small",
+                                   "model.vq_model.vit_dec_model_size": "small"}
         if cfg.job.recipe == "tatitok":  # timing: every official term on, random weights (no files needed)
             cfg.loss.discriminator_start, cfg.loss.perceptual_weights = 0, "random"
             cfg.loss.perceptual_loss = "lpips-convnext_s-1.0-0.1"
