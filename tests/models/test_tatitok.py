@@ -260,3 +260,64 @@ def test_initialisation_follows_official():
     want = official.TATiTok(config).state_dict()
     got = TATiTok(config).state_dict()
     assert_same_init(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# Non-official options for small models trained from scratch (the demo's tokenizer)
+
+def _demo_like_config(**vq) -> dict:
+    from tatitok_fast.presets import tiny_tokenizer_config
+
+    cfg = tiny_tokenizer_config("vq", tokens=32, crop=64)
+    cfg["model"]["vq_model"].update(vit_enc_model_size="micro", vit_dec_model_size="micro", vit_enc_patch_size=8,
+                                    vit_dec_patch_size=8, use_l2_norm=True, **vq)
+    return cfg
+
+
+def _shapes_batch(n: int = 8) -> torch.Tensor:
+    from tatitok_fast.demo import shapes
+    from tatitok_fast.images import load_images
+
+    return load_images([im for im, _ in shapes.iter_samples(n, 3, pairs=shapes.ALL_PAIRS)], 64)
+
+
+def test_grid_anchored_latents_differ_across_images_at_init():
+    """The stall of issue 23: at the official init each latent is nearly the same for every image
+    (white backgrounds, near-uniform attention); anchored latents start from their own patches."""
+    x = _shapes_batch()
+    spread = {}
+    for anchored in (False, True):
+        torch.manual_seed(0)
+        model = TATiTok(_demo_like_config(grid_anchored_latents=anchored)).eval()
+        with torch.no_grad():
+            z = model.encoder(x, model.latent_tokens)  # (B, C, 1, N)
+        spread[anchored] = (z.std(0).mean() / z.std()).item()  # across images, relative to all values
+    assert spread[False] < 0.02 and spread[True] > 5 * spread[False], spread
+    # the same parameters either way: the option changes the forward, not the checkpoint layout
+    plain, anchored = (TATiTok(_demo_like_config(grid_anchored_latents=a)).state_dict() for a in (False, True))
+    assert {k: v.shape for k, v in plain.items()} == {k: v.shape for k, v in anchored.items()}
+
+
+def test_decoder_init_canvas_starts_every_pixel_there_and_keeps_gradients():
+    torch.manual_seed(0)
+    model = TATiTok(_demo_like_config(decoder_init_canvas=1.0, grid_anchored_latents=True))
+    x = _shapes_batch(4)
+    out, extra = model(x, torch.randn(4, 77, 64))
+    assert torch.equal(out, torch.ones_like(out))  # a white canvas whatever the input
+    ((out - x) ** 2).mean().backward()
+    assert model.decoder.ffn[0].weight.grad.abs().sum() > 0  # the head learns from the first step
+    saved = TATiTok(_demo_like_config(decoder_init_canvas=1.0))
+    saved.load_state_dict(TATiTok(_demo_like_config()).state_dict())  # loading replaces the init entirely
+    with torch.no_grad():
+        assert not torch.equal(saved(x, torch.randn(4, 77, 64))[0], torch.ones_like(out))
+
+
+@pytest.mark.parametrize("vq, match", [
+    ({"decoder_init_canvas": 2.0}, r"decoder_init_canvas: expected a pixel value in \[0, 1\]"),
+    ({"decoder_init_canvas": "white"}, r"decoder_init_canvas: expected a pixel value"),
+    ({"grid_anchored_latents": True, "num_latent_tokens": 24},
+     r"grid_anchored_latents: the 64 patches must split evenly into num_latent_tokens=24"),
+])
+def test_bad_non_official_options(vq, match):
+    with pytest.raises(ValueError, match=match):
+        TATiTok(_demo_like_config(**vq))

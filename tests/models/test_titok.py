@@ -306,3 +306,20 @@ def test_compile_fullgraph_no_graph_breaks():
         ids_c, img_c = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(ids_c, ids)
     torch.testing.assert_close(img_c, img, rtol=1e-5, atol=1e-5)
+
+
+def test_non_official_init_options_on_titok():
+    """TiTok shares the ViT with TA-TiTok: grid-anchored latents work there too; a white canvas
+    makes no sense for the two-stage decoder, which predicts VQGAN codes."""
+    from tatitok_fast.presets import tiny_titok_config
+
+    cfg = tiny_titok_config("vq", tokens=4, crop=32)
+    cfg["model"]["vq_model"].update(grid_anchored_latents=True, decoder_init_canvas=0.5)
+    model = TiTok(cfg)
+    with torch.no_grad():
+        out = model.decode_tokens(torch.zeros(2, 1, 4, dtype=torch.long))
+    assert torch.equal(out, torch.full_like(out, 0.5)) and model.encoder.grid_anchored
+    legacy = tiny_titok_config(tokens=4, crop=32, two_stage=True)
+    legacy["model"]["vq_model"]["decoder_init_canvas"] = 1.0
+    with pytest.raises(ValueError, match="decoder_init_canvas: the is_legacy decoder predicts VQGAN codes"):
+        TiTok(legacy)

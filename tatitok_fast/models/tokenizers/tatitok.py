@@ -75,6 +75,7 @@ class TATiTok(PretrainedModel):
         self.decoder = TATiTokDecoder(config)
         for attn in (m for m in self.modules() if isinstance(m, PackedSelfAttention)):
             attn.reset_like_multihead_attention()
+        self.decoder.reset_head_to_canvas()
         if self.quantize_mode == "vq":
             self.codebook_size = vq["codebook_size"]
             self.quantize = VectorQuantizer(vq["codebook_size"], vq["token_size"], vq.get("commitment_cost", 0.25),

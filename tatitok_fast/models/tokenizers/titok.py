@@ -62,6 +62,7 @@ class TiTok(PretrainedModel):
         self.apply(init_titok_weights)
         for attn in (m for m in self.modules() if isinstance(m, PackedSelfAttention)):
             attn.reset_like_multihead_attention()
+        self.decoder.reset_head_to_canvas()
         if self.quantize_mode == "vq":
             self.codebook_size = vq["codebook_size"]
             self.quantize = VectorQuantizer(vq["codebook_size"], vq["token_size"], vq["commitment_cost"],

@@ -16,7 +16,8 @@ from tatitok_fast.checkpoint import cfg_require
 from tatitok_fast.models.nn.layers import Linear, attention, conv2d, linear
 
 VIT_SIZES = {  # width, layers, heads
-    "tiny": (128, 4, 4),  # not an official size: CPU demos and tests
+    "micro": (64, 2, 2),  # not official sizes: the CPU demo (micro) and tests
+    "tiny": (128, 4, 4),
     "small": (512, 8, 8),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
@@ -134,6 +135,15 @@ def _vit_geometry(module: nn.Module, config: Mapping[str, Any], side: str) -> No
     module.width, module.num_layers, module.num_heads = VIT_SIZES[vq[f"vit_{side}_model_size"]]
     module.num_latent_tokens = vq["num_latent_tokens"]
     module.is_legacy = vq.get("is_legacy", True)
+    # not an official option (the official classes ignore the key and would decode such a model wrongly):
+    # latent token j starts from the patches of its group of G*G/N consecutive (row-major) patches, and
+    # the decoder's mask tokens of that group start from latent j, so that every token carries its own
+    # region of the image from step 0 (a small model trained from scratch otherwise sits at the mean
+    # image: with near-uniform attention each latent sees only the image's average)
+    module.grid_anchored = bool(vq.get("grid_anchored_latents", False))
+    if module.grid_anchored and module.grid_size ** 2 % module.num_latent_tokens:
+        raise ValueError(f"grid_anchored_latents: the {module.grid_size ** 2} patches must split evenly into "
+                         f"num_latent_tokens={module.num_latent_tokens} groups")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,10 +169,12 @@ class TiTokEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         b = pixel_values.shape[0]
-        x = _patch_embed(pixel_values.to(self.patch_embed.weight.dtype), self.patch_embed)  # (B, G*G, D)
-        cls = self.class_embedding.to(x.dtype).expand(b, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+G*G, D)
+        patches = _patch_embed(pixel_values.to(self.patch_embed.weight.dtype), self.patch_embed)  # (B, G*G, D)
+        cls = self.class_embedding.to(patches.dtype).expand(b, -1, -1)
+        x = torch.cat([cls, patches], dim=1) + self.positional_embedding.to(patches.dtype)  # (B, 1+G*G, D)
         lat = (latent_tokens.to(x.dtype) + self.latent_token_positional_embedding.to(x.dtype)).expand(b, -1, -1)
+        if self.grid_anchored:  # + the mean patch embedding of each latent's group (B, N, D)
+            lat = lat + patches.unflatten(1, (self.num_latent_tokens, -1)).mean(2)
         x = self.ln_pre(torch.cat([x, lat], dim=1))  # (B, 1+G*G+N, D)
         x = self.transformer(x)
         lat = self.ln_post(x[:, 1 + self.grid_size ** 2:])  # (B, N, D)
@@ -210,6 +222,25 @@ class TiTokDecoder(nn.Module):
         else:  # ffn.0 to p*p*3 channels; the pixel shuffle is in head()
             self.ffn = nn.Sequential(nn.Conv2d(w, p * p * 3, 1, padding=0, bias=True))
             self.conv_out = nn.Conv2d(3, 3, 3, padding=1, bias=True)
+        self.init_canvas = vq.get("decoder_init_canvas")  # applied by reset_head_to_canvas(), after the model's init
+        if self.init_canvas is not None and (isinstance(self.init_canvas, bool) or
+                                             not isinstance(self.init_canvas, (int, float)) or
+                                             not 0.0 <= self.init_canvas <= 1.0):
+            raise ValueError(f"decoder_init_canvas: expected a pixel value in [0, 1] (or null), got {self.init_canvas!r}")
+
+    @torch.no_grad()
+    def reset_head_to_canvas(self) -> None:
+        """Not an official option (config decoder_init_canvas = v in [0, 1]): the pixel head's
+        weights start at zero and every output pixel at v (1.0: white), as DiT zero-inits its final
+        layer. From scratch, the head then learns from the image-dependent residual instead of first
+        spending its steps cancelling random outputs (which also teaches it to ignore its tokens)."""
+        if self.init_canvas is None:
+            return
+        if self.is_legacy:
+            raise ValueError("decoder_init_canvas: the is_legacy decoder predicts VQGAN codes, not pixels")
+        self.ffn[0].weight.zero_()
+        self.ffn[0].bias.zero_()
+        self.conv_out.bias.fill_(float(self.init_canvas))
 
     def body(self, z_quantized: torch.Tensor, suffix: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, C, 1, N) [+ suffix (B, L, D) appended after the latents] -> ViT -> the G*G
@@ -223,8 +254,11 @@ class TiTokDecoder(nn.Module):
         g2 = self.grid_size ** 2
         prefix = torch.cat([self.class_embedding.to(dtype).unsqueeze(0), self.mask_token.to(dtype).expand(1, g2, -1)],
                            dim=1) + self.positional_embedding.to(dtype)  # (1, 1+G*G, D)
+        prefix = prefix.expand(b, -1, -1)
+        if self.grid_anchored:  # mask tokens of latent j's patch group + its embedding
+            prefix = torch.cat([prefix[:, :1], prefix[:, 1:] + x.repeat_interleave(g2 // n, dim=1)], dim=1)
         x = x + self.latent_token_positional_embedding[:n]
-        parts = [prefix.expand(b, -1, -1).to(x.dtype), x]
+        parts = [prefix.to(x.dtype), x]
         if suffix is not None:
             parts.append(suffix.to(x.dtype))
         x = self.transformer(self.ln_pre(torch.cat(parts, dim=1)))
