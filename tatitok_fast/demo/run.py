@@ -2,15 +2,17 @@
 
 Stages, in order (each printed with its time):
 
-    data                procedural captioned shapes -> DIR/data/shapes-*.tar (webdataset)
-    train tokenizer     a tiny TA-TiTok VQ, through the training engine -> DIR/runs/tokenizer,
+    data                procedural captioned shapes -> DIR/data/shapes-*.tar (webdataset), fresh
+                        renders of every pair -> DIR/data/eval-*.tar
+    train tokenizer     a micro TA-TiTok VQ, through the training engine -> DIR/runs/tokenizer
+                        (its PSNR on the eval renders every tenth of the run in metrics.jsonl),
                         exported to DIR/tokenizer (official layout)
     evaluate tokenizer  reconstruction PSNR and codebook usage on fresh renders
     tokenize            `tatitok-fast tokenize` of the training shards -> DIR/tokens/
     train generator     a tiny MaskGen-VQ on the tokens -> DIR/runs/generator, DIR/generator
     generate + score    seen and held-out prompts through the trained and an untrained
                         generator -> DIR/samples/, detector scores
-    report              DIR/report.json, DIR/report.md, DIR/grid.png
+    report              DIR/report.json, DIR/report.md, DIR/grid.png, DIR/curves.png
 
 Both exported configs name the text encoder (model.text_encoder = TEXT_ENCODER, a tiny
 open_clip tower with fixed random weights), so that afterwards
@@ -31,14 +33,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tatitok_fast.demo import detector, report, shapes
+from tatitok_fast.demo import curves, detector, report, shapes
 
 __all__ = ["DemoError", "Plan", "PLANS", "TEXT_ENCODER", "run_demo", "prepare_out_dir", "make_data", "test_prompts",
            "evaluate_tokenizer", "tokenize_data", "generate_and_score", "write_outputs"]
 
 TEXT_ENCODER = {"name": "tiny", "seed": 0}
 # what the demo writes into DIR; with --force exactly these are replaced, nothing else
-OUTPUTS = ("data", "runs", "tokenizer", "tokens", "generator", "samples", "grid.png", "report.json", "report.md")
+OUTPUTS = ("data", "runs", "tokenizer", "tokens", "generator", "samples", "grid.png", "curves.png", "report.json",
+           "report.md")
 
 
 class DemoError(ValueError):
@@ -63,7 +66,7 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(train_images=4000, eval_images=64, samples_per_prompt=2, tokenizer_steps=400,
+    "full": Plan(train_images=4000, eval_images=64, samples_per_prompt=2, tokenizer_steps=1000,
                  generator_steps=400),
     "quick": Plan(train_images=128, eval_images=16, samples_per_prompt=1, tokenizer_steps=10,
                   generator_steps=10, tokenizer_batch=8, generator_batch=16, detector_check_images=50,
@@ -103,15 +106,19 @@ def prepare_out_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------
 # Stages that need no training engine
 
-def make_data(data_dir: Path, plan: Plan, seed: int, progress: bool = True) -> tuple[list[Path], dict]:
-    """Training shards (training pairs only) and the detector's scores on ground-truth renders."""
+def make_data(data_dir: Path, plan: Plan, seed: int, progress: bool = True) -> tuple[list[Path], list[Path], dict]:
+    """Training shards (training pairs only), evaluation shards (fresh renders of every pair,
+    the same images evaluate_tokenizer scores: the tokenizer's PSNR curve during training) and
+    the detector's scores on ground-truth renders."""
     with tqdm(total=plan.train_images, desc="render", unit="img", disable=not progress, leave=False) as bar:
         shards = shapes.write_shards(data_dir, plan.train_images, seed, shard_size=plan.shard_size,
                                      size=plan.image_size, progress=lambda n: bar.update(n - bar.n))
+    eval_shards = shapes.write_shards(data_dir, plan.eval_images, seed + 1, shard_size=plan.shard_size, prefix="eval",
+                                      pairs=shapes.ALL_PAIRS, size=plan.image_size)
     check = list(shapes.iter_samples(plan.detector_check_images, seed + 2, pairs=shapes.ALL_PAIRS,
                                      size=plan.image_size))
     on_data = detector.score([im for im, _ in check], [t for _, t in check])
-    return shards, on_data
+    return shards, eval_shards, on_data
 
 
 @torch.no_grad()
@@ -126,7 +133,11 @@ def evaluate_tokenizer(tokenizer, text_encoder, plan: Plan, seed: int, *, device
     captions = [t["caption"] for _, t in samples]
     ids = tokenizer.tokenize(x)
     recon = tokenizer.detokenize(ids, captions, text_encoder=text_encoder).float().clamp(0, 1)
-    metrics = {"psnr": report.psnr(x, recon), "num_images": len(samples)}
+    # the bar to clear: the training set's mean image (estimated from 512 training renders)
+    mean_image = load_images([im for im, _ in shapes.iter_samples(512, seed, size=plan.image_size)],
+                             tokenizer.image_size).mean(0, keepdim=True).to(device)
+    metrics = {"psnr": report.psnr(x, recon), "mean_image_psnr": report.psnr(x, mean_image.expand_as(x)),
+               "num_images": len(samples)}
     if tokenizer.quantize_mode == "vq":
         metrics.update(report.codebook_usage(ids, tokenizer.codebook_size))
     pairs = list(zip(to_pil(x[:num_pairs]), to_pil(recon[:num_pairs])))
@@ -204,13 +215,23 @@ def generate_and_score(generators: dict, tokenizer, text_encoder, plan: Plan, se
 
 
 def write_outputs(out: Path, results: dict, images: dict, recon_pairs: list, *, seen_rows: int = 8) -> None:
-    """report.json, report.md and grid.png (trained generator: some seen prompts and every
-    held-out prompt; then originals beside reconstructions)."""
+    """report.json, report.md, grid.png (trained generator: some seen prompts and every
+    held-out prompt; then originals beside reconstructions) and curves.png (the learning
+    curves in DIR/runs/*/metrics.jsonl, when there)."""
     trained = images.get("trained", {})
     rows = [(cap, ims) for cap, ims in trained.get("seen", [])[:seen_rows]]
     rows += [(f"{cap} [held-out]", ims) for cap, ims in trained.get("held_out", [])]
     report.write_report(out, results)
     report.demo_grid(rows, recon_pairs).save(out / "grid.png")
+    tok_log, gen_log = out / "runs" / "tokenizer" / "metrics.jsonl", out / "runs" / "generator" / "metrics.jsonl"
+    if tok_log.is_file() and gen_log.is_file():
+        mean_psnr = results.get("tokenizer", {}).get("mean_image_psnr")
+        curves.plot_curves([
+            curves.Panel("tokenizer: PSNR on fresh renders (dB)", curves.read_series(tok_log, "eval/psnr"),
+                         mean_psnr, "the training set's mean image" if mean_psnr is not None else ""),
+            curves.Panel("tokenizer: training loss", curves.read_series(tok_log, "loss")),
+            curves.Panel("generator: masked-token accuracy (train)", curves.read_series(gen_log, "masked_accuracy")),
+        ], out / "curves.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,10 +261,17 @@ def _train(recipe: str, run_dir: Path, steps: int, batch: int, shards: list[Path
     return run_dir / "export" / f"step-{steps}"
 
 
-def _train_tokenizer(plan: Plan, shards: list[Path], run_dir: Path, seed: int, progress: bool = True) -> Path:
-    """A tiny TA-TiTok VQ (training/recipes/demo_tokenizer.toml); returns its export."""
+def _train_tokenizer(plan: Plan, shards: list[Path], run_dir: Path, seed: int, progress: bool = True,
+                     eval_shards: list[Path] = ()) -> Path:
+    """A micro TA-TiTok VQ (training/recipes/demo_tokenizer.toml); returns its export. With
+    eval_shards, PSNR on them (EMA weights) every tenth of the run goes into metrics.jsonl."""
+    extra = ["--samples.interval", str(plan.tokenizer_steps), "--samples.num", "8"]
+    if eval_shards:
+        extra += ["--eval.shards", ",".join(map(str, eval_shards)), "--eval.interval",
+                  str(max(1, plan.tokenizer_steps // 10)), "--eval.num_samples", str(plan.eval_images),
+                  "--eval.inception_weights", "none"]
     return _train("demo_tokenizer", run_dir, plan.tokenizer_steps, plan.tokenizer_batch, shards, seed, progress,
-                  ["--samples.interval", str(plan.tokenizer_steps), "--samples.num", "8"])
+                  extra)
 
 
 def _train_generator(plan: Plan, token_shards: list[Path], tokenizer_dir: Path, run_dir: Path, seed: int,
@@ -318,10 +346,10 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, force: bool = Fals
     torch.manual_seed(seed)
     text_encoder = CLIPTextEncoder.from_spec(TEXT_ENCODER)
     with stage("data"):
-        shards, on_data = make_data(out / "data", plan, seed, progress)
+        shards, eval_shards, on_data = make_data(out / "data", plan, seed, progress)
     with stage("train tokenizer"):
-        tok_dir = _install_export(_train_tokenizer(plan, shards, out / "runs" / "tokenizer", seed, progress),
-                                  out / "tokenizer")
+        tok_dir = _install_export(_train_tokenizer(plan, shards, out / "runs" / "tokenizer", seed, progress,
+                                                   eval_shards), out / "tokenizer")
         tokenizer = TATiTok.from_pretrained(tok_dir).eval()
     with stage("evaluate tokenizer"):
         tok_metrics, recon_pairs = evaluate_tokenizer(tokenizer, text_encoder, plan, seed)

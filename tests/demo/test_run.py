@@ -6,7 +6,7 @@ import pytest
 
 from tatitok_fast import TATiTok
 from tatitok_fast.cli import main
-from tatitok_fast.demo import run, shapes
+from tatitok_fast.demo import curves, run, shapes
 from tatitok_fast.models.generators.maskgen import load_generator
 
 
@@ -55,7 +55,8 @@ def test_quick_plan_keeps_a_mix_of_prompts():
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
-    for name in ("report.json", "report.md", "grid.png", "tokenizer/config.json", "tokenizer/model.safetensors",
+    for name in ("report.json", "report.md", "grid.png", "curves.png", "tokenizer/config.json",
+                 "tokenizer/model.safetensors",
                  "generator/config.json", "generator/model.safetensors", "runs/tokenizer/metrics.jsonl",
                  "runs/generator/metrics.jsonl"):
         assert (out / name).is_file(), name
@@ -63,6 +64,9 @@ def test_quick_demo_end_to_end(tmp_path):
     results = json.loads((out / "report.json").read_text())
     assert results["quick"] is True and set(results["adherence"]) == {"trained", "untrained"}
     assert 0 < results["tokenizer"]["psnr"] < 100 and results["detector_on_data"]["color_acc"] >= 0.98
+    assert 10 < results["tokenizer"]["mean_image_psnr"] < 20  # white backgrounds: ~13.6 dB
+    psnr_curve = curves.read_series(out / "runs" / "tokenizer" / "metrics.jsonl", "eval/psnr")
+    assert len(psnr_curve) >= 2 and psnr_curve[-1][0] == run.PLANS["quick"].tokenizer_steps
     for gen in ("trained", "untrained"):
         for split in ("seen", "held_out"):
             assert 0 <= results["adherence"][gen][split]["color_acc"] <= 1
