@@ -320,6 +320,20 @@ def _check_reader_args(mode, num_tokens, codebook_size, token_size, recap_prob) 
     return mode
 
 
+def _sample_tokens(sample: Mapping[str, Any], expected: str, hint: str = "") -> tuple[str, np.ndarray, bool]:
+    """(key, token array, whether it is in the reference's layout) of a raw sample; a
+    CorruptSampleError naming the key, `expected` and the fields it has otherwise."""
+    if not isinstance(sample, Mapping):
+        raise CorruptSampleError(f"sample: expected a dict of fields, got {type(sample).__name__}")
+    key = str(sample.get("__key__", "?"))
+    if TOKENS_KEY in sample:
+        return key, _load_npy(key, sample[TOKENS_KEY]), False
+    if OFFICIAL_TOKENS_KEY in sample:
+        return key, _load_official(key, sample[OFFICIAL_TOKENS_KEY]), True
+    raise CorruptSampleError(f"sample {key}: no tokens: expected {expected}, got fields "
+                             f"{sorted(k for k in sample if not k.startswith('__'))}{hint}")
+
+
 def decode_token_sample(sample: Mapping[str, Any], *, mode: str, num_tokens: int, codebook_size: int | None = None,
                         token_size: int | None = None, recap_prob: float = 0.0,
                         rng: random.Random | np.random.Generator | None = None) -> dict[str, Any]:
@@ -339,16 +353,7 @@ def decode_token_sample(sample: Mapping[str, Any], *, mode: str, num_tokens: int
         CorruptSampleError (a ValueError) naming the key and what was expected.
     """
     mode = _check_reader_args(mode, num_tokens, codebook_size, token_size, recap_prob)
-    if not isinstance(sample, Mapping):
-        raise CorruptSampleError(f"sample: expected a dict of fields, got {type(sample).__name__}")
-    key = str(sample.get("__key__", "?"))
-    if TOKENS_KEY in sample:
-        arr, official = _load_npy(key, sample[TOKENS_KEY]), False
-    elif OFFICIAL_TOKENS_KEY in sample:
-        arr, official = _load_official(key, sample[OFFICIAL_TOKENS_KEY]), True
-    else:
-        raise CorruptSampleError(f"sample {key}: no tokens: expected a {TOKENS_KEY} field (or the reference's "
-                                 f"{OFFICIAL_TOKENS_KEY}), got fields {sorted(k for k in sample if not k.startswith('__'))}")
+    key, arr, official = _sample_tokens(sample, f"a {TOKENS_KEY} field (or the reference's {OFFICIAL_TOKENS_KEY})")
     _check_meta(key, sample, mode, num_tokens, codebook_size, token_size)
     if mode == "vq":
         tokens = _vq_tokens(key, arr, num_tokens, codebook_size, official)
@@ -388,17 +393,8 @@ def decode_class_token_sample(sample: Mapping[str, Any], *, num_tokens: int, cod
     The json metadata (when ours) must name the same num_tokens and codebook_size: tokens of
     another tokenizer are refused. Raises CorruptSampleError naming the key and what was expected."""
     _check_reader_args("vq", num_tokens, codebook_size, None, 0.0)
-    if not isinstance(sample, Mapping):
-        raise CorruptSampleError(f"sample: expected a dict of fields, got {type(sample).__name__}")
-    key = str(sample.get("__key__", "?"))
-    if TOKENS_KEY in sample:
-        arr, official = _load_npy(key, sample[TOKENS_KEY]), False
-    elif OFFICIAL_TOKENS_KEY in sample:
-        arr, official = _load_official(key, sample[OFFICIAL_TOKENS_KEY]), True
-    else:
-        raise CorruptSampleError(f"sample {key}: no tokens: expected a {TOKENS_KEY} field, got fields "
-                                 f"{sorted(k for k in sample if not k.startswith('__'))} (image shards are "
-                                 "turned into token shards by `tatitok-fast tokenize --labels`)")
+    key, arr, official = _sample_tokens(sample, f"a {TOKENS_KEY} field", " (image shards are turned into token "
+                                        "shards by `tatitok-fast tokenize --labels`)")
     _check_meta(key, sample, "vq", num_tokens, codebook_size, None)
     tokens = _vq_tokens(key, arr, num_tokens, codebook_size, official)
     if CLASS_KEY not in sample:
