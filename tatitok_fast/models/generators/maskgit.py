@@ -33,7 +33,7 @@ from tatitok_fast.checkpoint import cfg_get
 from tatitok_fast.models.generators.graph_runner import _GraphRunner, _use_graph, graph_key
 from tatitok_fast.models.generators.maskgen_schedules import _check_sampling_args, get_masking_ratio
 from tatitok_fast.models.generators.maskgit_blocks import BertCore, UViTBlock
-from tatitok_fast.models.nn.layers import Linear
+from tatitok_fast.models.nn.layers import Linear, host_checkable
 from tatitok_fast.models.nn.pretrained import PretrainedModel
 from tatitok_fast.ops.reference import gumbel_noise, maskgen_unmask_step_ref
 
@@ -200,7 +200,7 @@ class ImageBert(PretrainedModel):
                 or ids.dtype == torch.bool:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name}: expected integer token ids (B, N), got {got}")
-        if ids.numel() and _host_checkable(ids):
+        if ids.numel() and host_checkable(ids):
             lo, hi = torch.aminmax(ids)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi > high:
@@ -229,7 +229,7 @@ class ImageBert(PretrainedModel):
         if condition.numel() == 0:
             raise ValueError("condition: expected at least one class id, got an empty tensor")
         top = c if allow_drop_label else c - 1
-        if not _host_checkable(condition):  # on a GPU: a device-side assert, no host sync per step
+        if not host_checkable(condition):  # on a GPU: a device-side assert, no host sync per step
             if condition.device.type != "meta":
                 torch._assert_async(((condition >= 0) & (condition <= top)).all(),
                                     f"condition: class ids must be in [0, {top}]")
@@ -362,9 +362,3 @@ class UViTBert(ImageBert):
         for blk in self.out_blocks:
             x = blk(x, skips.pop())
         return self.lm_head(self.norm(x)[:, 1:])
-
-
-def _host_checkable(t: torch.Tensor) -> bool:
-    """Value checks that read the tensor on the host: CPU tensors outside torch.compile (a CUDA
-    tensor would cost a device sync per call, so it gets torch._assert_async instead)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()

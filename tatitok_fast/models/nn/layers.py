@@ -69,6 +69,12 @@ def _upcast(dtype: torch.dtype, by_autocast: bool):
     return lambda t: None if t is None else t.float()
 
 
+def host_checkable(t: torch.Tensor) -> bool:
+    """Value checks that read the tensor on the host: CPU tensors outside torch.compile (a CUDA
+    tensor would cost a device sync per call, so it gets torch._assert_async instead)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, computed in fp32 for low-precision CPU inputs (or under a low-precision CPU
     autocast) where the CPU lacks bf16/fp16 matrix units; the output in the low-precision

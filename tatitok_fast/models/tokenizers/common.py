@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tatitok_fast.models.nn.layers import host_checkable
+
 
 def init_titok_weights(module: nn.Module) -> None:
     """The official TiTok._init_weights: trunc-normal(0.02) Linear/Conv/Embedding weights,
@@ -42,7 +44,7 @@ def ids_to_latents(tokens: torch.Tensor, quantize, num_latent_tokens: int, codeb
     if ids.shape[1] != num_latent_tokens:
         raise ValueError(f"tokens: expected {num_latent_tokens} tokens per image, got {ids.shape[1]}")
     in_range = ((ids >= 0) & (ids < codebook_size)).all()  # 0-d bool, no host sync
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_checkable(ids):
         if not bool(in_range):
             bad = ids[(ids < 0) | (ids >= codebook_size)]
             raise ValueError(f"tokens: expected ids in [0, {codebook_size}) (the codebook), got "
