@@ -1,8 +1,8 @@
 """`tatitok-fast demo --out DIR [--quick] [--force] [--seed N]`: the whole product offline on
 procedural shapes: make data, train a micro TA-TiTok VQ, tokenize, train a tiny MaskGen-VQ,
 generate for seen and held-out prompts, score them; report.md, report.json, grid.png and
-curves.png (learning curves) in DIR. Afterwards `tatitok-fast generate "a green triangle" --generator DIR/generator
---tokenizer DIR/tokenizer -o out/` works with no other flag."""
+curves.png (learning curves) in DIR. Afterwards `tatitok-fast generate "a green triangle"
+--generator DIR/generator --tokenizer DIR/tokenizer -o out/` works with no other flag."""
 from __future__ import annotations
 
 import argparse
