@@ -227,6 +227,8 @@ class TiTokDecoder(nn.Module):
                                              not isinstance(self.init_canvas, (int, float)) or
                                              not 0.0 <= self.init_canvas <= 1.0):
             raise ValueError(f"decoder_init_canvas: expected a pixel value in [0, 1] (or null), got {self.init_canvas!r}")
+        if self.init_canvas is not None and self.is_legacy:
+            raise ValueError("decoder_init_canvas: the is_legacy decoder predicts VQGAN codes, not pixels")
 
     @torch.no_grad()
     def reset_head_to_canvas(self) -> None:
@@ -236,8 +238,6 @@ class TiTokDecoder(nn.Module):
         spending its steps cancelling random outputs (which also teaches it to ignore its tokens)."""
         if self.init_canvas is None:
             return
-        if self.is_legacy:
-            raise ValueError("decoder_init_canvas: the is_legacy decoder predicts VQGAN codes, not pixels")
         self.ffn[0].weight.zero_()
         self.ffn[0].bias.zero_()
         self.conv_out.bias.fill_(float(self.init_canvas))
