@@ -94,3 +94,24 @@ def test_models_are_grouped_by_role():
         assert (ROOT / folder / "__init__.py").is_file(), folder
     stray = sorted(p.name for p in (ROOT / "models").glob("*.py") if p.name != "__init__.py")
     assert stray == [], f"modules directly under models/: {stray}"
+
+
+def test_cli_import_leaves_the_compiler_stack_unloaded():
+    """`import tatitok_fast.cli` in a fresh process (what every `tatitok-fast` command pays)
+    loads neither torch._dynamo nor torch._inductor, about 2 s of imports on a 2-core machine:
+    the Triton ops register on first use, and the CPU bf16 probe is a plain dict. Where CUDA is
+    available the Triton ops register at import (before any compile trace), through
+    torch._inductor: skipped there."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("with CUDA the Triton ops register at import, through torch._inductor")
+    code = ("import sys, tatitok_fast.cli; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from typing import Callable
 
 import torch
@@ -30,15 +29,22 @@ from tatitok_fast.ops.mode import fused_enabled
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result  # under torch.compile: a constant, not a graph break per layer
-def _cpu_has_native(dtype: torch.dtype) -> bool:
+def _probe_cpu_native(dtype: torch.dtype) -> bool:
     check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     fn = getattr(torch.ops.mkldnn, check, None)
     try:
         return bool(fn()) if fn is not None else False
     except RuntimeError:  # an op this torch build does not register
         return False
+
+
+# probed once at import: a plain dict is a constant to torch.compile (no graph break per layer),
+# and needs no torch._dynamo import (about 2 s) as torch.compiler.assume_constant_result would
+_CPU_NATIVE = {dtype: _probe_cpu_native(dtype) for dtype in _LOW_PRECISION}
+
+
+def _cpu_has_native(dtype: torch.dtype) -> bool:
+    return _CPU_NATIVE[dtype]
 
 
 def _cpu_low_precision(x: torch.Tensor) -> tuple[torch.dtype | None, bool]:

@@ -32,6 +32,23 @@ def check_triton_runnable(x: torch.Tensor) -> None:
         raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {x.device}")
 
 
+def registered_once(register):
+    """() -> register()'s result, computed once. torch.library.triton_op parses the kernels'
+    source through torch._inductor (about 2 s of imports), so the ops are registered on first
+    use, or at import where CUDA is available: there a torch.compile trace then only reads the
+    registered op."""
+    done = []
+
+    def get():
+        if not done:
+            done.append(register())
+        return done[0]
+
+    if HAS_TRITON and torch.cuda.is_available():
+        get()
+    return get
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
-                                             triton_enabled)
+                                             registered_once, triton_enabled)
 
 if HAS_TRITON:
     import triton
@@ -57,8 +57,7 @@ if HAS_TRITON:
 
     _ROWS = 16
 
-    @triton_op("tatitok_fast::gated_residual", mutates_args={})
-    def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         x = x.contiguous()
         y = y.contiguous()
@@ -68,9 +67,8 @@ if HAS_TRITON:
                 wrap_triton(_fwd_kernel)[(b * t,)](x, gate, y, out, t, d, gate.stride(0), BLOCK_D=next_pow2(d))
         return out
 
-    @triton_op("tatitok_fast::gated_residual_backward", mutates_args={})
-    def _gated_residual_bwd_op(dout: torch.Tensor, gate: torch.Tensor,
-                               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gated_residual_bwd(dout: torch.Tensor, gate: torch.Tensor,
+                            y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = y.shape
         dout = dout.contiguous()
         y = y.contiguous()
@@ -90,10 +88,16 @@ if HAS_TRITON:
 
     def _backward(ctx, dout):
         gate, y = ctx.saved_tensors
-        dy, dgate = _gated_residual_bwd_op(dout, gate, y)
+        dy, dgate = torch.ops.tatitok_fast.gated_residual_backward(dout, gate, y)
         return dout.to(ctx.x_dtype), dgate, dy
 
-    _gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+    def _register():
+        op = triton_op("tatitok_fast::gated_residual", mutates_args={})(_gated_residual_fwd)
+        triton_op("tatitok_fast::gated_residual_backward", mutates_args={})(_gated_residual_bwd)
+        op.register_autograd(_backward, setup_context=_setup_context)
+        return op
+
+    _gated_residual_op = registered_once(_register)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -118,4 +122,4 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend
     check_triton_runnable(x)
     if y.dtype != x.dtype:
         raise TypeError(f"y: expected dtype {x.dtype} (that of x), got {y.dtype}")
-    return _gated_residual_op(x, gate if gate.stride(1) == 1 else gate.contiguous(), y)
+    return _gated_residual_op()(x, gate if gate.stride(1) == 1 else gate.contiguous(), y)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
-                                             triton_enabled)
+                                             registered_once, triton_enabled)
 
 if HAS_TRITON:
     import triton
@@ -74,8 +74,7 @@ if HAS_TRITON:
 
     _ROWS = 16
 
-    @triton_op("tatitok_fast::layernorm_modulate", mutates_args={})
-    def _layernorm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    def _layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
         x = x.contiguous()
@@ -88,9 +87,8 @@ if HAS_TRITON:
                                                    scale.stride(0), eps, BLOCK_D=next_pow2(d))
         return y, mean, rstd
 
-    @triton_op("tatitok_fast::layernorm_modulate_backward", mutates_args={})
-    def _layernorm_modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layernorm_modulate_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
         x = x.contiguous()
         dy = dy.contiguous()
@@ -112,10 +110,16 @@ if HAS_TRITON:
 
     def _backward(ctx, dy, _dmean, _drstd):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = _layernorm_modulate_bwd_op(dy, x, scale, mean, rstd)
+        dx, dshift, dscale = torch.ops.tatitok_fast.layernorm_modulate_backward(dy, x, scale, mean, rstd)
         return dx, dshift.to(ctx.shift_dtype), dscale, None
 
-    _layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+    def _register():
+        op = triton_op("tatitok_fast::layernorm_modulate", mutates_args={})(_layernorm_modulate_fwd)
+        triton_op("tatitok_fast::layernorm_modulate_backward", mutates_args={})(_layernorm_modulate_bwd)
+        op.register_autograd(_backward, setup_context=_setup_context)
+        return op
+
+    _layernorm_modulate_op = registered_once(_register)
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
@@ -140,5 +144,5 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     if backend != "triton":
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     check_triton_runnable(x)
-    return _layernorm_modulate_op(x, shift.contiguous() if shift.stride(1) != 1 else shift,
+    return _layernorm_modulate_op()(x, shift.contiguous() if shift.stride(1) != 1 else shift,
                                   scale.contiguous() if scale.stride(1) != 1 else scale, float(eps))[0]
