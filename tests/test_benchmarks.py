@@ -242,6 +242,7 @@ def test_bench_generate_quick_without_official(tmp_path, generator):
     assert any("not the official code" in n for n in data["notes"])
 
 
+@pytest.mark.slow  # compiles two tokenizers: 35 s
 def test_bench_tokenizer_compile_adds_compiled_rows_with_compile_time(tmp_path):
     out = tmp_path / "r.json"
     assert main(["bench", "tokenizer", *QUICK_MODEL, "--cases", "decode", "--variants", "fast", "--compile",
@@ -362,6 +363,7 @@ def test_plain_pytest_collects_tests_only():
     assert (REPO / "benchmarks" / "conftest.py").is_file() and not (REPO / "tests" / "benchmarks").exists()
 
 
+@pytest.mark.slow  # a nested pytest-benchmark session: 22 s
 def test_benchmark_modules_run_through_pytest_benchmark(tmp_path):
     """The pytest-benchmark suites collect every CLI row and run a quick one (benchmark
     disabled: each benchmarked function runs once)."""

@@ -151,6 +151,7 @@ def test_maskgen_vq_generate_compiled_matches_eager():
     _assert_same_ids_or_margin(got3, eager.generate(caps3, generator=torch.Generator().manual_seed(4), **kw))
 
 
+@pytest.mark.slow  # MaskGen-KL compiled (VQ runs in CI): 28 s
 def test_maskgen_kl_sample_tokens_compiled_matches_eager():
     torch.manual_seed(0)
     eager = MaskGen_KL(tiny_generator_config("vae")).eval()
@@ -200,6 +201,7 @@ def test_compile_cache_is_reused_after_a_reset(tmp_path):
     assert counters["inductor"]["fxgraph_cache_miss"] == 0
 
 
+@pytest.mark.slow  # the CLI's --compile on top of the compiled-vs-eager tests: 50 s
 def test_cli_reconstruct_compile_writes_the_eager_images(tmp_path):
     import numpy as np
     from PIL import Image

@@ -127,6 +127,7 @@ def test_killed_half_way_and_rerun(tmp_path):
     check_every_image_once(src, out, truth)
 
 
+@pytest.mark.slow  # four CLI runs with worker processes: 34 s
 def test_workers_and_parts_write_the_same_shards(tmp_path):
     src = tmp_path / "train"
     make_class_folder(src, per_class=5)

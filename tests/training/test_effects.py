@@ -159,6 +159,7 @@ def test_activation_checkpointing_recomputes_every_block(shards, tmp_path, check
     trainer.close()
 
 
+@pytest.mark.slow  # a compiled training step: 55 s on 2 cores
 def test_compile_runs_every_block_compiled(shards, tmp_path):
     """parallelism.compile: one step runs each block's forward as a compiled frame (dynamo's
     frame counters), the rest of the model eagerly."""

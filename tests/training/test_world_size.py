@@ -25,6 +25,7 @@ def rows(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # three launches and four runs: 42 s (the FSDP resume runs in CI, test_engine)
 def test_two_ranks_resume_on_one_and_on_three(shards, tmp_path):
     ref, two = tmp_path / "ref", tmp_path / "two"
     # reference: one process, global batch 8, 4 steps, never interrupted
