@@ -66,8 +66,8 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan(train_images=4000, eval_images=64, samples_per_prompt=2, tokenizer_steps=1000,
-                 generator_steps=400),
+    "full": Plan(train_images=4000, eval_images=64, samples_per_prompt=8, tokenizer_steps=1000,
+                 generator_steps=600),
     "quick": Plan(train_images=128, eval_images=16, samples_per_prompt=1, tokenizer_steps=10,
                   generator_steps=10, tokenizer_batch=8, generator_batch=16, detector_check_images=50,
                   prompts_per_split=6),
