@@ -194,6 +194,7 @@ def test_bench_rejects_bad_devices_and_suites(capsys):
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # `tatitok-fast bench` runs in CI in-process; 9 s
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "tatitok_fast.cli", "bench", "ops", "--quick", "--device", "cpu",
                            "--ops", "mask_by_order", "--no-progress"], capture_output=True, text=True, timeout=120)

@@ -118,6 +118,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
         raise SystemExit(rc)
 
 
+@pytest.mark.slow  # the sampler's ranks and resume run in CI in test_sample_imagenet
 def test_sample_imagenet_one_rank_two_ranks_and_resume(assets, tmp_path):
     from tests.training.dist_worker import free_port
 

@@ -105,6 +105,7 @@ def test_tatitok_encode_decode_compiled_matches_eager(mode, tmp_path):
     assert any((tmp_path / "cache").rglob("*")), "nothing written to the cache_dir"
 
 
+@pytest.mark.slow  # 31 s; TiTok's ViT blocks compile in CI through TA-TiTok's fullgraph test
 def test_titok_compiled_matches_eager():
     torch.manual_seed(0)
     eager = TiTok(tiny_titok_config("vq")).eval()
@@ -133,6 +134,7 @@ def _assert_same_ids_or_margin(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} ids differ"
 
 
+@pytest.mark.slow  # 28 s; a compiled generator runs in CI (ImageBert)
 def test_maskgen_vq_generate_compiled_matches_eager():
     torch.manual_seed(0)
     eager = MaskGen_VQ(tiny_generator_config("vq")).eval()
@@ -172,7 +174,7 @@ def test_maskgen_kl_sample_tokens_compiled_matches_eager():
         assert _graphs() == graphs, "a new batch size recompiled"
 
 
-@pytest.mark.parametrize("cls, kind", [(ImageBert, "ViT"), (UViTBert, "UViT")])
+@pytest.mark.parametrize("cls, kind", [(ImageBert, "ViT"), pytest.param(UViTBert, "UViT", marks=pytest.mark.slow)])
 def test_maskgit_generate_compiled_matches_eager(cls, kind):
     torch.manual_seed(0)
     eager = cls(small_config(kind)).eval()
@@ -187,6 +189,7 @@ def test_maskgit_generate_compiled_matches_eager(cls, kind):
     _assert_same_ids_or_margin(got3, eager.generate([1, 2, 3], generator=torch.Generator().manual_seed(8), **kw))
 
 
+@pytest.mark.slow  # 10 s
 def test_compile_cache_is_reused_after_a_reset(tmp_path):
     # the FX-graph cache is on disk: after dynamo forgets everything, the same graphs load
     torch.manual_seed(0)
@@ -243,6 +246,7 @@ def test_cli_compile_names_the_option_of_a_model_without_a_compiled_path():
         compile_if_asked(bad, TATiTok(tiny_tokenizer_config("vq")).eval(), "--tokenizer", CommandError)
 
 
+@pytest.mark.slow  # 14 s
 def test_bf16_compiled_step_is_as_close_to_fp32_as_eager_bf16():
     # the speed mode: a bf16 model compiled (freezing folds bf16 weights; inductor may keep
     # fp32 intermediates): its logits are no further from the fp32 model's than eager bf16's

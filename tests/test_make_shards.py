@@ -283,6 +283,7 @@ def test_tokenize_jsonl_errors(tmp_path, capsys, line, args, fragment):
     assert "error:" in err and fragment in err, err
 
 
+@pytest.mark.slow  # 11 s; each command of it runs in CI on its own
 def test_pipeline_class_folder_to_maskgit_samples(tmp_path, tiny_titok):
     """make-shards -> tokenize --labels -> `tatitok-fast train` maskgit_tiny with sample grids
     decoded by the same TiTok and gFID every 2 steps: the run writes its grid (4 classes, TiTok's

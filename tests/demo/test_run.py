@@ -52,6 +52,7 @@ def test_quick_plan_keeps_a_mix_of_prompts():
 # ---------------------------------------------------------------------------------------
 # The whole demo, quick mode: every stage through the same code users run
 
+@pytest.mark.slow  # CI runs the full demo in its install block
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0

@@ -159,6 +159,7 @@ def test_te_extra_state_round_trips_through_dcp(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # 23 s; a subprocess run with every warning shown
 def test_a_healthy_run_prints_no_warning(shards, tmp_path):
     """Two launches as a user makes them (save, then resume and save), every Python warning
     shown (-W always), a data worker, TensorBoard on: stderr holds only the resume line."""

@@ -65,6 +65,7 @@ def test_missing_shard_file(shards, tmp_path):
     assert_user_error(proc, tmp_path / "run", "data.shards", "1 of 2 shard files do not exist", "tokens-000099.tar")
 
 
+@pytest.mark.slow  # 15 s; the other launch errors run in CI
 def test_pattern_matching_no_file(shards, tmp_path):
     folder = Path(shards["vq"][0]).parent
     proc = launch("module", tmp_path / "run", str(folder / "nothing-*.tar"))
@@ -88,6 +89,7 @@ def test_bad_config_key(shards, tmp_path):
     assert_user_error(proc, tmp_path / "run", "--training.stepz: unknown key")
 
 
+@pytest.mark.slow  # --debug's traceback; the errors themselves run in CI
 def test_debug_shows_the_traceback(shards, tmp_path):
     proc = launch("cli", tmp_path / "run", shards["images"][0], env={"TATITOK_FAST_DEBUG": "1"})
     assert proc.returncode == 2

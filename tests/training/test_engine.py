@@ -128,6 +128,7 @@ def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path, one_proc
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(one_process_run), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # DDP's two ranks also run in CI in test_recipes_distributed
 def test_ddp_two_ranks_match_one_process(shards, tmp_path, one_process_run):
     run = tmp_path / "ddp"
     launch(2, argv(shards, "vq", run, *DIST_COMMON, "--training.local_batch_size", "4", "--parallelism.mode", "ddp",

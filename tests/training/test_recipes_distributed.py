@@ -55,8 +55,10 @@ def one_process(data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name", ["tatitok_vq", "tatitok_vae", "maskgen_kl"])
+@pytest.mark.parametrize("name, mode", [  # one DDP and one FSDP case in CI, the rest in the slow tier (13 s each)
+    ("tatitok_vq", "ddp"), ("maskgen_kl", "fsdp"),
+    *[pytest.param(n, m, marks=pytest.mark.slow) for n, m in (("tatitok_vq", "fsdp"), ("tatitok_vae", "ddp"),
+                                                              ("tatitok_vae", "fsdp"), ("maskgen_kl", "ddp"))]])
 def test_two_ranks_match_one_process(data, one_process, tmp_path, name, mode):
     run = tmp_path / mode
     launch(2, recipe_argv(name, data, run, 4) + ["--parallelism.mode", mode])

@@ -88,6 +88,7 @@ def stage2(stage1, images, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # 32 s with its stage-2 run; stage 2's start runs in CI
 def test_stage2_reconstructs_better_than_stage1(stage1, stage2, images):
     """Stage 2 starts from stage 1's export (the same encoder and tokens) plus the pixel decoder;
     after a few steps its reconstructions are closer to the images, the frozen parts unchanged."""
@@ -128,7 +129,7 @@ def test_single_stage_vq_trains(images, tmp_path):
     assert err["t"] < 0.5 * err["u"], err
 
 
-@pytest.mark.parametrize("recipe", ["titok_tiny_stage1", "titok_vq_tiny"])
+@pytest.mark.parametrize("recipe", ["titok_tiny_stage1", pytest.param("titok_vq_tiny", marks=pytest.mark.slow)])
 def test_export_loads_in_the_official_class(recipe, images, tmp_path):
     """The official TiTok has no 'tiny' ViT: the same recipes with small (official) ViTs, 1 step."""
     from safetensors.torch import load_file

@@ -54,6 +54,7 @@ def test_two_ranks_resume_on_one_and_on_three(shards, tmp_path):
     assert (three / "checkpoints" / "step-4" / "rank-2.pt").is_file()  # saved on the new world size
 
 
+@pytest.mark.slow  # 23 s; one rank's refusal is test_checkpoint_safety's, in CI
 def test_a_rank_file_refused_on_one_rank_stops_every_rank(shards, tmp_path):
     """Only rank 1's file is hostile: both ranks stop with the error (none waits in dcp.load)."""
     from tests.training.test_checkpoint_safety import Payload, rewrite_manifest
