@@ -160,8 +160,9 @@ def test_plain_image_folder_has_no_labels(tmp_path):
 @pytest.mark.parametrize("case, fragment", [
     ("missing", "is not a folder"),
     ("changed", "another listing"),
-    ("labels", "outside the class folders"),
-    ("part", "--part-index"),
+    # a CLI run each (7 s): two in CI, two in the slow tier
+    pytest.param("labels", "outside the class folders", marks=pytest.mark.slow),
+    pytest.param("part", "--part-index", marks=pytest.mark.slow),
 ])
 def test_bad_input_is_one_error_line(tmp_path, case, fragment):
     src, out = tmp_path / "train", tmp_path / "shards"

@@ -74,6 +74,7 @@ def test_pattern_matching_no_file(shards, tmp_path):
     assert_user_error(proc, tmp_path / "run", "3 of 3 shard files do not exist")
 
 
+@pytest.mark.slow  # 7 s; the token-shard checks run in CI (another codebook)
 def test_wrong_shard_kind(shards, tmp_path):
     proc = launch("cli", tmp_path / "run", shards["images"][0])
     assert_user_error(proc, tmp_path / "run", "recipe 'maskgen'", "no tokens")

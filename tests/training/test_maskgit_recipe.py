@@ -230,8 +230,9 @@ def launch(run: Path, shards: list[str]):
 
 @pytest.mark.parametrize("kind, fragments", [
     ("other_codebook", ("codebook_size=128", "codebook_size=64")),
-    ("other_length", ("num_tokens=32", "num_tokens=16")),
-    ("unlabelled", ("no class label", "cls", "--labels")),
+    # one subprocess launch each (7 s): the first in CI, the others in the slow tier
+    pytest.param("other_length", ("num_tokens=32", "num_tokens=16"), marks=pytest.mark.slow),
+    pytest.param("unlabelled", ("no class label", "cls", "--labels"), marks=pytest.mark.slow),
 ])
 def test_bad_shards_fail_before_training(shards, tmp_path, kind, fragments):
     from tests.training.test_cli_errors import assert_user_error

@@ -37,7 +37,7 @@ def images(tmp_path_factory):
     return [str(p) for p in write_shards(root, 96, seed=0, shard_size=48)]
 
 
-@pytest.fixture(scope="module", params=["vq", "vae"])
+@pytest.fixture(scope="module", params=["vq", pytest.param("vae", marks=pytest.mark.slow)])  # vae: 13 s more
 def tokenizer_run(request, images, tmp_path_factory):
     mode = request.param
     run = tmp_path_factory.mktemp(f"tatitok_{mode}")
