@@ -153,7 +153,7 @@ def test_maskgen_vq_generate_compiled_matches_eager():
     _assert_same_ids_or_margin(got3, eager.generate(caps3, generator=torch.Generator().manual_seed(4), **kw))
 
 
-@pytest.mark.slow  # MaskGen-KL compiled (VQ runs in CI): 28 s
+@pytest.mark.slow  # 28 s; a compiled generator runs in CI (ImageBert)
 def test_maskgen_kl_sample_tokens_compiled_matches_eager():
     torch.manual_seed(0)
     eager = MaskGen_KL(tiny_generator_config("vae")).eval()

@@ -4,7 +4,12 @@ training.config <-> training.spec)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 import tatitok_fast
 
@@ -102,13 +107,7 @@ def test_cli_import_leaves_the_compiler_stack_unloaded():
     the Triton ops register on first use, and the CPU bf16 probe is a plain dict. Where CUDA is
     available the Triton ops register at import (before any compile trace), through
     torch._inductor: skipped there."""
-    import subprocess
-    import sys
-
-    import torch
-
     if torch.cuda.is_available():
-        import pytest
         pytest.skip("with CUDA the Triton ops register at import, through torch._inductor")
     code = ("import sys, tatitok_fast.cli; "
             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
