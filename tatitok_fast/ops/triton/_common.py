@@ -32,16 +32,21 @@ def check_triton_runnable(x: torch.Tensor) -> None:
         raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {x.device}")
 
 
-def registered_once(register):
-    """() -> register()'s result, computed once. torch.library.triton_op parses the kernels'
-    source through torch._inductor (about 2 s of imports), so the ops are registered on first
-    use, or at import where CUDA is available: there a torch.compile trace then only reads the
-    registered op."""
+def lazy_triton_op(name: str, forward, backward_kernel, backward, setup_context):
+    """() -> the Triton op `name` (forward), with `name`_backward (backward_kernel) and the
+    autograd formula, registered once. torch.library.triton_op parses the kernels' source
+    through torch._inductor (about 2 s of imports), so registration happens on first use, or at
+    import where CUDA is available: there a torch.compile trace then only reads the op."""
     done = []
 
     def get():
         if not done:
-            done.append(register())
+            from torch.library import triton_op
+
+            op = triton_op(name, mutates_args={})(forward)
+            triton_op(f"{name}_backward", mutates_args={})(backward_kernel)
+            op.register_autograd(backward, setup_context=setup_context)
+            done.append(op)
         return done[0]
 
     if HAS_TRITON and torch.cuda.is_available():

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
-                                             registered_once, triton_enabled)
+from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, lazy_triton_op,
+                                             next_pow2, triton_enabled)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
 
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,13 +91,7 @@ if HAS_TRITON:
         dy, dgate = torch.ops.tatitok_fast.gated_residual_backward(dout, gate, y)
         return dout.to(ctx.x_dtype), dgate, dy
 
-    def _register():
-        op = triton_op("tatitok_fast::gated_residual", mutates_args={})(_gated_residual_fwd)
-        triton_op("tatitok_fast::gated_residual_backward", mutates_args={})(_gated_residual_bwd)
-        op.register_autograd(_backward, setup_context=_setup_context)
-        return op
-
-    _gated_residual_op = registered_once(_register)
+    _gated_residual_op = lazy_triton_op("tatitok_fast::gated_residual", _gated_residual_fwd, _gated_residual_bwd, _backward, _setup_context)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str = "auto") -> torch.Tensor:

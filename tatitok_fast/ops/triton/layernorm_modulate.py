@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, next_pow2,
-                                             registered_once, triton_enabled)
+from tatitok_fast.ops.triton._common import (HAS_TRITON, check_triton_runnable, device_guard, lazy_triton_op,
+                                             next_pow2, triton_enabled)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import wrap_triton
 
 
 def layernorm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
@@ -113,13 +113,7 @@ if HAS_TRITON:
         dx, dshift, dscale = torch.ops.tatitok_fast.layernorm_modulate_backward(dy, x, scale, mean, rstd)
         return dx, dshift.to(ctx.shift_dtype), dscale, None
 
-    def _register():
-        op = triton_op("tatitok_fast::layernorm_modulate", mutates_args={})(_layernorm_modulate_fwd)
-        triton_op("tatitok_fast::layernorm_modulate_backward", mutates_args={})(_layernorm_modulate_bwd)
-        op.register_autograd(_backward, setup_context=_setup_context)
-        return op
-
-    _layernorm_modulate_op = registered_once(_register)
+    _layernorm_modulate_op = lazy_triton_op("tatitok_fast::layernorm_modulate", _layernorm_modulate_fwd, _layernorm_modulate_bwd, _backward, _setup_context)
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
