@@ -124,7 +124,7 @@ def mma_score_error_bound(z_norm: torch.Tensor, e_norm_max_sq: float, d: int, u_
                               2^-21, four times fp32's, as tensor cores may truncate)
       subtraction          <= 2^-24 (||e||^2 + 2 (1 + u_in)^2 ||z|| ||e||)
     with sum |z_i e_i| <= ||z|| ||e|| and ||e_k|| <= max_k ||e_k||; times 1.25 for slack.
-    The CUDA kernel computes the same expression (csrc/cuda/vq_nearest_code.cu)."""
+    The CUDA kernel computes the same expression (csrc/cuda/vq_nearest_code_kernels.cu)."""
     u32 = 2.0 ** -24
     g32 = d * u32 / (1 - d * u32)
     g_acc = d * 2.0 ** -21 / (1 - d * 2.0 ** -21)

@@ -1,4 +1,5 @@
-// CUDA kernels of the MaskGen sampling ops (semantics in ../cpu/maskgen_sampling.cpp).
+// CUDA kernels of the MaskGen sampling ops (semantics in ../cpu/maskgen_sampling.cpp; the host
+// side, with the checks and outputs, is maskgen_sampling.cpp beside this file).
 //
 // maskgen_unmask_step, pass 1: one block per (b, l). Decoded positions exit at once (they
 // keep their id with +inf confidence); masked ones stream their K logits once, drawing the
@@ -9,15 +10,10 @@
 // The arithmetic mirrors torch's CUDA kernels (division by a host scalar is a multiply by its
 // fp32 reciprocal there) with explicitly rounded intrinsics, so explicit noise reproduces the
 // reference ids exactly. Nothing here synchronises with the host: CUDA-graph capturable.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-
-#include "cuda/cuda_utils.cuh"
-#include "op_checks.h"
-#include "ops.h"
+#include "cuda/device_utils.cuh"
 #include "philox.h"
 
-namespace tatitok_fast {
+namespace tatitok_fast::cuda {
 namespace {
 
 constexpr int kSampleThreads = 256;
@@ -129,70 +125,28 @@ __global__ void mask_by_order_kernel(const int64_t* __restrict__ orders, const b
 
 }  // namespace
 
-at::Tensor maskgen_unmask_step_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& uncond_logits,
-                                    double guidance_scale, const at::Tensor& ids, int64_t mask_token_id,
-                                    const std::optional<at::Tensor>& mask_len_per_row, int64_t mask_len,
-                                    double softmax_temperature, double sample_temperature,
-                                    double confidence_temperature, bool last_step,
-                                    const std::optional<at::Tensor>& sample_noise,
-                                    const std::optional<at::Tensor>& confidence_noise,
-                                    std::optional<at::Generator> generator) {
-  check_unmask_args(logits, uncond_logits, ids, mask_token_id, mask_len_per_row, mask_len, sample_noise,
-                    confidence_noise);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t B = logits.size(0), L = logits.size(1), K = logits.size(2);
-  TORCH_CHECK(L <= 12288, "maskgen_unmask_step: the CUDA kernel stages a row's L confidences in 48 KiB of shared "
-              "memory, so L must be <= 12288, got ", L);
-  auto out = at::empty({B, L}, ids.options());
-  if (B == 0) return out;
-  const at::Tensor lg = logits.contiguous();
-  const at::Tensor ul = uncond_logits.has_value() ? uncond_logits->contiguous() : at::Tensor();
-  const at::Tensor id_c = ids.contiguous();
-  const at::Tensor sn = sample_noise.has_value() ? sample_noise->contiguous() : at::Tensor();
-  const at::Tensor cn = confidence_noise.has_value() ? confidence_noise->contiguous() : at::Tensor();
-  const at::Tensor ml = mask_len_per_row.has_value() ? mask_len_per_row->contiguous() : at::Tensor();
-  at::PhiloxCudaState rng;
-  if (!sn.defined() || !cn.defined()) rng = reserve_philox(generator, static_cast<uint64_t>((K + 3) / 4 + 1));
-
-  auto sampled = at::empty({B * L}, ids.options());
-  auto conf = at::empty({B * L}, logits.options().dtype(at::kFloat));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  // torch's CUDA division by a host scalar multiplies by the fp32 reciprocal; so do we.
-  const float inv_temp = 1.0f / static_cast<float>(softmax_temperature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "maskgen_unmask_step_cuda", [&] {
-    unmask_sample_kernel<scalar_t><<<grid_blocks(B * L, "maskgen_unmask_step"), kSampleThreads, 0, stream>>>(
-        lg.data_ptr<scalar_t>(), ul.defined() ? ul.data_ptr<scalar_t>() : nullptr,
-        static_cast<float>(guidance_scale), id_c.data_ptr<int64_t>(), mask_token_id, K, inv_temp,
-        static_cast<float>(sample_temperature), static_cast<float>(confidence_temperature),
-        sn.defined() ? sn.data_ptr<float>() : nullptr, cn.defined() ? cn.data_ptr<float>() : nullptr, rng,
-        sampled.data_ptr<int64_t>(), conf.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+cudaError_t launch_unmask_step(Dtype dtype, const void* logits, const void* uncond, float cfg, const int64_t* ids,
+                               int64_t mask_token_id, int64_t B, int64_t L, int64_t K, float inv_temp, float t_sample,
+                               float t_conf, const float* sample_noise, const float* conf_noise,
+                               at::PhiloxCudaState rng, const int64_t* mask_len_per_row, int64_t mask_len,
+                               bool last_step, int64_t* sampled, float* conf, int64_t* out, unsigned sample_blocks,
+                               unsigned rows, int select_threads, cudaStream_t stream) {
+  const cudaError_t err = dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    unmask_sample_kernel<scalar_t><<<sample_blocks, kSampleThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(logits), static_cast<const scalar_t*>(uncond), cfg, ids, mask_token_id, K,
+        inv_temp, t_sample, t_conf, sample_noise, conf_noise, rng, sampled, conf);
   });
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (L + 31) / 32 * 32));
-  unmask_select_kernel<<<grid_blocks(B, "maskgen_unmask_step"), threads, L * sizeof(float), stream>>>(
-      conf.data_ptr<float>(), sampled.data_ptr<int64_t>(), ml.defined() ? ml.data_ptr<int64_t>() : nullptr, mask_len,
-      L, mask_token_id, last_step, out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  if (err != cudaSuccess) return err;
+  unmask_select_kernel<<<rows, select_threads, L * sizeof(float), stream>>>(conf, sampled, mask_len_per_row, mask_len,
+                                                                             L, mask_token_id, last_step, out);
+  return cudaGetLastError();
 }
 
-std::tuple<at::Tensor, at::Tensor> mask_by_order_cuda(const at::Tensor& orders, const at::Tensor& mask,
-                                                      int64_t mask_len, bool last_step) {
-  check_mask_by_order_args(orders, mask, mask_len);
-  const c10::cuda::CUDAGuard guard(orders.device());
-  const int64_t B = orders.size(0), L = orders.size(1);
-  auto next = at::zeros({B, L}, orders.options().dtype(at::kBool));
-  auto to_pred = at::empty({B, L}, orders.options().dtype(at::kBool));
-  if (B == 0 || L == 0) return {next, to_pred};
-  const at::Tensor ord = orders.contiguous();
-  const at::Tensor cur = mask.to(at::kBool).contiguous();
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (L + 31) / 32 * 32));
-  const unsigned blocks = grid_blocks(B, "mask_by_order");
-  mask_by_order_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      ord.data_ptr<int64_t>(), cur.data_ptr<bool>(), L, mask_len, last_step, next.data_ptr<bool>(),
-      to_pred.data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {next, to_pred};
+cudaError_t launch_mask_by_order(const int64_t* orders, const bool* mask, int64_t L, int64_t mask_len, bool last_step,
+                                 bool* next, bool* to_pred, unsigned rows, int threads, cudaStream_t stream) {
+  mask_by_order_kernel<<<rows, threads, 0, stream>>>(orders, mask, L, mask_len, last_step, next, to_pred);
+  return cudaGetLastError();
 }
 
-}  // namespace tatitok_fast
+}  // namespace tatitok_fast::cuda

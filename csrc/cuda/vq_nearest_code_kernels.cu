@@ -1,5 +1,6 @@
 // CUDA kernels of vq_nearest_code: the nearest code of every row of z, exact, without the
-// (N, K) distance matrix. Two paths:
+// (N, K) distance matrix (the host side, which picks the path and sizes the grids, is
+// vq_nearest_code.cpp beside this file). Two paths:
 //
 // Tensor cores (sm_80+ and a kernel image compiled for compute_80+, K < 2^31; twin:
 // ops/reference.py vq_nearest_code_mma_ref):
@@ -16,27 +17,25 @@
 //   So the result is the nearest code by fp64 distance however TF32 rounds; for random
 //   64-dim data with 8192 codes no row needed step 3 in the twin with 4 candidates.
 //
-// SIMT fallback (older GPUs, or builds whose loaded image predates sm_80): block (x, y) owns 64 rows and the y-th range of codes, walked
-// in 64-code tiles staged through shared memory with D in slices of 16 (an SGEMM-style 4x4
-// register tile per thread), fp32 scores, the 16 threads sharing rows reducing with shuffles
-// (ties to the lowest index as torch.argmin); the finish kernel merges the ranges in code
-// order and recomputes the distance exactly as sum_d (z_d - e_d)^2 for the chosen code.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-
+// SIMT fallback (older GPUs, or builds whose loaded image predates sm_80): block (x, y) owns
+// 64 rows and the y-th range of codes, walked in 64-code tiles staged through shared memory
+// with D in slices of 16 (an SGEMM-style 4x4 register tile per thread), fp32 scores, the 16
+// threads sharing rows reducing with shuffles (ties to the lowest index as torch.argmin); the
+// finish kernel merges the ranges in code order and recomputes the distance exactly as
+// sum_d (z_d - e_d)^2 for the chosen code.
 #include <mma.h>
 
 #include <cmath>
 #include <limits>
 
-#include "cuda/cuda_utils.cuh"
-#include "op_checks.h"
-#include "ops.h"
+#include "cuda/device_utils.cuh"
 
-namespace tatitok_fast {
+namespace tatitok_fast::cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBD = 16, kTM = 4, kTN = 4, kThreads = 256;  // 16 x 16 threads
+
+constexpr int kBM = kVqSimtRows, kBN = kVqSimtCodes, kBD = 16, kTM = 4, kTN = 4;  // 16 x 16 threads
+constexpr int kThreads = kVqThreads;
 static_assert(kBM == kBN && kBM == 16 * kTM, "tile loads assume square 64 x 64 tiles");
 
 __device__ __forceinline__ void take_better(float& v, int64_t& k, float ov, int64_t ok) {
@@ -173,9 +172,11 @@ __global__ void __launch_bounds__(kThreads) vq_finish_kernel(const scalar_t* __r
 // ---------------------------------------------------------------------------------------
 // Tensor-core path
 
-constexpr int kCand = 4;                                 // candidates kept per row
-constexpr int kMBM = 64, kMBN = 64, kMBD = 32, kMThreads = 128;  // 4 warps x 16 rows
-constexpr int kSentinel = std::numeric_limits<int32_t>::max();   // an empty list slot
+constexpr int kCand = kVqCand;  // candidates kept per row
+constexpr int kMThreads = 128;   // 4 warps x 16 rows
+// tiles of the candidates kernel, whose body exists only for sm_80+ (unused in older passes)
+[[maybe_unused]] constexpr int kMBM = kVqMmaRows, kMBN = kVqMmaCodes, kMBD = 32;
+constexpr int kSentinel = std::numeric_limits<int32_t>::max();  // an empty list slot
 
 // (v, k) < (ov, ok): smaller score, then lower index.
 __device__ __forceinline__ bool before(float v, int32_t k, float ov, int32_t ok) {
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kMThreads) vq_mma_candidates_kernel(
   }
 #else
   // Compiled for a PTX/SASS target without TF32 wmma: the host never launches this image
-  // (mma_kernel_usable reads the loaded image's ptxVersion); if it ever does, fail loudly
+  // (the host reads the loaded image's ptxVersion, vq_mma_ptx_version); if it ever does, fail loudly
   // rather than leave part_* uninitialised for the finish kernel.
   __trap();
 #endif
@@ -422,103 +423,56 @@ __global__ void __launch_bounds__(kThreads) vq_exact_rows_kernel(const scalar_t*
   }
 }
 
-// Whether the tensor-core candidates kernel has a body on the current device: the image the
-// driver loads for it (SASS for this GPU, or PTX JIT-compiled from an older virtual arch,
-// e.g. a TORCH_CUDA_ARCH_LIST=7.5+PTX build on an H100) must come from compute_80 or newer,
-// since the body is compiled only under __CUDA_ARCH__ >= 800. The device's own capability
-// is not enough: it says what the GPU could run, not what was compiled.
-template <typename scalar_t>
-bool mma_kernel_usable(int device) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 8) return false;
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, vq_mma_candidates_kernel<scalar_t>));
-  return attr.ptxVersion >= 80;
-}
-
-int multiprocessor_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
-                                                        bool l2_normalize) {
-  check_vq_args(z, codebook);
-  const c10::cuda::CUDAGuard guard(z.device());
-  const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
-  auto indices = at::empty({N}, z.options().dtype(at::kLong));
-  auto distances = at::empty({N}, z.options().dtype(at::kFloat));
-  if (N == 0) return {indices, distances};
-
-  at::Tensor zc = z.contiguous(), ec = codebook.contiguous();
-  if (l2_normalize) {  // as torch.nn.functional.normalize(x, dim=-1), in fp32
-    zc = zc.to(at::kFloat);
-    ec = ec.to(at::kFloat);
-    zc = zc / zc.norm(2, 1, true).clamp_min(1e-12);
-    ec = ec / ec.norm(2, 1, true).clamp_min(1e-12);
-  }
-  const at::Tensor e_norm = ec.to(at::kFloat).pow(2).sum(1);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t want = 2 * static_cast<int64_t>(multiprocessor_count(z.get_device()));
-  bool use_mma = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda_arch", [&] {
-    use_mma = mma_kernel_usable<scalar_t>(z.get_device());
+// The tensor-core candidates kernel has a body on the current device only when the image the
+// driver loads for it (SASS for this GPU, or PTX JIT-compiled from an older virtual arch,
+// e.g. a TORCH_CUDA_ARCH_LIST=7.5+PTX build on an H100) comes from compute_80 or newer,
+// since the body is compiled only under __CUDA_ARCH__ >= 800. The device's own capability
+// is not enough: it says what the GPU could run, not what was compiled.
+cudaError_t vq_mma_ptx_version(Dtype dtype, int* ptx_version) {
+  cudaError_t err = cudaSuccess;
+  const cudaError_t bad = dispatch_dtype(dtype, [&](auto tag) {
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, vq_mma_candidates_kernel<decltype(tag)>);
+    *ptx_version = attr.ptxVersion;
   });
-  if (use_mma && K <= std::numeric_limits<int32_t>::max() - kMBN) {
-    // Split the codes so that about two blocks per SM run even when N is small.
-    const int64_t row_blocks = (N + kMBM - 1) / kMBM, code_tiles = (K + kMBN - 1) / kMBN;
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(code_tiles, (want + row_blocks - 1) / row_blocks));
-    const int64_t codes_per_split = (code_tiles + splits - 1) / splits * kMBN;
-    const int64_t used_splits = (K + codes_per_split - 1) / codes_per_split;
-    auto part_v = at::empty({used_splits, N, kCand}, z.options().dtype(at::kFloat));
-    auto part_k = at::empty({used_splits, N, kCand}, z.options().dtype(at::kInt));
-    auto part_t = at::empty({used_splits, N}, z.options().dtype(at::kFloat));
-    const at::Tensor e_norm_max_sq = e_norm.max();  // 0-d, stays on the device
-    // fp32 inputs are rounded to TF32 (2^-10 covers nearest and truncation); bf16/fp16 are exact
-    const double u_in = zc.scalar_type() == at::kFloat ? 9.765625e-04 : 0.0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda_mma", [&] {
-      const dim3 grid(grid_blocks(row_blocks, "vq_nearest_code"), static_cast<unsigned>(used_splits));
-      vq_mma_candidates_kernel<scalar_t><<<grid, kMThreads, 0, stream>>>(
-          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), e_norm.data_ptr<float>(), N, K, D, codes_per_split,
-          part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      vq_mma_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 32, "vq_nearest_code"), kThreads, 0, stream>>>(
-          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), N, K, D, static_cast<int>(used_splits),
-          part_v.data_ptr<float>(), part_k.data_ptr<int32_t>(), part_t.data_ptr<float>(),
-          e_norm_max_sq.data_ptr<float>(), u_in, indices.data_ptr<int64_t>(), distances.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      vq_exact_rows_kernel<scalar_t><<<grid_blocks(N, "vq_nearest_code"), kThreads, 0, stream>>>(
-          zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), K, D, indices.data_ptr<int64_t>(),
-          distances.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return {indices, distances};
-  }
-
-  // SIMT path: split the codes so that about two blocks per SM run even when N is small.
-  const int64_t row_blocks = (N + kBM - 1) / kBM, code_tiles = (K + kBN - 1) / kBN;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(code_tiles, (want + row_blocks - 1) / row_blocks));
-  const int64_t codes_per_split = (code_tiles + splits - 1) / splits * kBN;
-  const int64_t used_splits = (K + codes_per_split - 1) / codes_per_split;
-  auto part_v = at::empty({used_splits, N}, z.options().dtype(at::kFloat));
-  auto part_k = at::empty({used_splits, N}, z.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_nearest_code_cuda", [&] {
-    const dim3 grid(grid_blocks(row_blocks, "vq_nearest_code"), static_cast<unsigned>(used_splits));
-    vq_argmin_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(),
-                                                              e_norm.data_ptr<float>(), N, K, D, codes_per_split,
-                                                              part_v.data_ptr<float>(), part_k.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    vq_finish_kernel<scalar_t><<<num_blocks(N, kThreads / 16, "vq_nearest_code"), kThreads, 0, stream>>>(
-        zc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(), N, D, static_cast<int>(used_splits),
-        part_v.data_ptr<float>(), part_k.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
-        distances.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {indices, distances};
+  return err != cudaSuccess ? err : bad;
 }
 
-}  // namespace tatitok_fast
+cudaError_t launch_vq_mma(Dtype dtype, const void* z, const void* e, const float* e_norm,
+                          const float* e_norm_max_sq, int64_t N, int64_t K, int64_t D, int64_t codes_per_split,
+                          unsigned row_blocks, unsigned splits, unsigned finish_blocks, unsigned exact_blocks,
+                          double u_in, float* part_v, int32_t* part_k, float* part_t, int64_t* out_idx,
+                          float* out_dist, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* zs = static_cast<const scalar_t*>(z);
+    const auto* es = static_cast<const scalar_t*>(e);
+    vq_mma_candidates_kernel<scalar_t><<<dim3(row_blocks, splits), kMThreads, 0, stream>>>(
+        zs, es, e_norm, N, K, D, codes_per_split, part_v, part_k, part_t);
+    if (cudaPeekAtLastError() != cudaSuccess) return;
+    vq_mma_finish_kernel<scalar_t><<<finish_blocks, kThreads, 0, stream>>>(
+        zs, es, N, K, D, static_cast<int>(splits), part_v, part_k, part_t, e_norm_max_sq, u_in, out_idx, out_dist);
+    if (cudaPeekAtLastError() != cudaSuccess) return;
+    vq_exact_rows_kernel<scalar_t><<<exact_blocks, kThreads, 0, stream>>>(zs, es, K, D, out_idx, out_dist);
+  });
+}
+
+cudaError_t launch_vq_simt(Dtype dtype, const void* z, const void* e, const float* e_norm, int64_t N, int64_t K,
+                           int64_t D, int64_t codes_per_split, unsigned row_blocks, unsigned splits,
+                           unsigned finish_blocks, float* part_v, int64_t* part_k, int64_t* out_idx, float* out_dist,
+                           cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* zs = static_cast<const scalar_t*>(z);
+    const auto* es = static_cast<const scalar_t*>(e);
+    vq_argmin_kernel<scalar_t><<<dim3(row_blocks, splits), kThreads, 0, stream>>>(zs, es, e_norm, N, K, D,
+                                                                                   codes_per_split, part_v, part_k);
+    if (cudaPeekAtLastError() != cudaSuccess) return;
+    vq_finish_kernel<scalar_t><<<finish_blocks, kThreads, 0, stream>>>(zs, es, N, D, static_cast<int>(splits), part_v,
+                                                                       part_k, out_idx, out_dist);
+  });
+}
+
+}  // namespace tatitok_fast::cuda

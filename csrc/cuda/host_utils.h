@@ -1,15 +1,17 @@
-// Small helpers shared by the CUDA kernels: the current stream, Philox state from torch's
-// CUDA generator (CUDA-graph safe), and warp reductions.
+// Host-side helpers of the CUDA ops (cuda/*.cpp): torch's CUDA generator, grid sizes, the
+// dtype the kernels are dispatched on.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <mutex>
 #include <optional>
+
+#include "cuda/launch.h"
 
 namespace tatitok_fast {
 
@@ -20,14 +22,6 @@ inline at::PhiloxCudaState reserve_philox(std::optional<at::Generator> generator
                                                                     at::cuda::detail::getDefaultCUDAGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   return gen->philox_cuda_state(4 * counters);
-}
-
-// (seed, first counter) of this call; torch offsets count 32-bit values, our counters 128-bit.
-__device__ __forceinline__ void philox_seed_counter(const at::PhiloxCudaState& state, uint64_t* seed,
-                                                    uint64_t* counter) {
-  const auto unpacked = at::cuda::philox::unpack(state);
-  *seed = std::get<0>(unpacked);
-  *counter = std::get<1>(unpacked) / 4;
 }
 
 // The kernels have no grid-stride loops: one thread (or warp, or block) per work item, so
@@ -43,6 +37,18 @@ inline unsigned grid_blocks(int64_t blocks, const char* op) {
 // Blocks of `threads` work items covering `work` items.
 inline unsigned num_blocks(int64_t work, int threads, const char* op) {
   return grid_blocks((work + threads - 1) / threads, op);
+}
+
+// A floating tensor's dtype for the launchers (the op checks have refused any other dtype).
+inline cuda::Dtype kernel_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return cuda::Dtype::kFloat64;
+    case at::kFloat: return cuda::Dtype::kFloat32;
+    case at::kHalf: return cuda::Dtype::kFloat16;
+    case at::kBFloat16: return cuda::Dtype::kBFloat16;
+    default: TORCH_CHECK(false, op, ": expected a floating tensor (float64, float32, float16 or bfloat16), got ",
+                         t.scalar_type());
+  }
 }
 
 }  // namespace tatitok_fast
