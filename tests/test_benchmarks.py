@@ -230,6 +230,24 @@ def test_bench_tokenizer_against_official(tmp_path):
     assert fast["speedup"] == pytest.approx(rows["autocast bfloat16"]["median_ms"] / fast["median_ms"])
 
 
+@needs_official
+def test_bench_train_on_cpu_divides_by_the_faster_official_mode(tmp_path):
+    # on CPU the official step runs in its configs' autocast bf16 and in fp32 (its faster mode
+    # where the CPU has no bf16 units); ours runs in bf16 and fp32
+    out = tmp_path / "r.json"
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--no-progress", "--recipe", "maskgen_vq_tiny",
+                 "--backends", "bf16,fp32", "--official", str(OFFICIAL), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["dtype"]) for r in rows] == [("tatitok_fast", "bf16"), ("tatitok_fast", "fp32"),
+                                                       ("official", "autocast bf16"), ("official", "fp32")]
+    best = min(rows[2:], key=lambda r: r["median_ms"])
+    for r in rows[:2]:
+        assert r["official_best"] == best["dtype"]
+        assert r["vs_official_best"] == pytest.approx(best["median_ms"] / r["median_ms"])
+        assert r["speedup"] == pytest.approx(rows[2]["median_ms"] / r["median_ms"])  # vs the configs' precision
+    assert rows[2]["speedup"] is None and rows[3]["speedup"] is None
+
+
 @pytest.mark.parametrize("generator", ["maskgen_vq_l", "maskgen_kl_l"])
 def test_bench_generate_quick_without_official(tmp_path, generator):
     out = tmp_path / "r.json"

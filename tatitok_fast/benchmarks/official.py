@@ -188,13 +188,14 @@ def offline_perceptual():
         tvm.vgg16, tvm.convnext_small, lpips.LPIPS.load_pretrained = saved
 
 
-def official_mixed_precision(device: torch.device):
+def official_mixed_precision(device: torch.device, fp32: bool = False):
     """The official training step's precision on `device`: autocast fp16 + GradScaler on CUDA
-    (its configs' mixed_precision: fp16), autocast bf16 on CPU. Returns (autocast kwargs,
+    (its configs' mixed_precision: fp16), autocast bf16 on CPU; fp32: neither (on a CPU
+    without bf16 units the faster official mode). Returns (autocast kwargs,
     backward_step(loss, params, optimizer): backward, unscale, clip 1.0, step, zero_grad)."""
     cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if cuda else None
-    amp = dict(device_type=device.type, dtype=torch.float16 if cuda else torch.bfloat16)
+    scaler = torch.amp.GradScaler("cuda") if cuda and not fp32 else None
+    amp = dict(device_type=device.type, dtype=torch.float16 if cuda else torch.bfloat16, enabled=not fp32)
 
     def backward_step(loss, params, optimizer):
         if scaler is not None:

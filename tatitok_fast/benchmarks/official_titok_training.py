@@ -55,7 +55,7 @@ def _loss(case, root, stage: str):
         return cls(cfg)
 
 
-def titok_step_fn(case, path: str):
+def titok_step_fn(case, path: str, fp32: bool = False):
     off = import_official(path)
     from modeling.titok import TiTok
 
@@ -68,7 +68,7 @@ def titok_step_fn(case, path: str):
     opt = torch.optim.AdamW(params, lr=case.cfg.optimizer.lr, betas=tuple(case.cfg.optimizer.betas),
                             weight_decay=case.cfg.optimizer.weight_decay)
     d_opt = torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr) if stage != "stage1" else None
-    amp, backward_step = official_mixed_precision(dev)
+    amp, backward_step = official_mixed_precision(dev, fp32)
 
     def step():
         with torch.autocast(**amp):

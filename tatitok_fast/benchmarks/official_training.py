@@ -44,9 +44,10 @@ def _tokenizer_loss(case, root):
         return ReconstructionLoss_Single_Stage(cfg)
 
 
-def _maskgit_step(case, off):
+def _maskgit_step(case, off, fp32: bool):
     """The official scripts/train_maskgit.py step: masking_input_tokens, forward with label
-    dropout 0.1, MLMLoss, under autocast bf16 (its config's mixed_precision) without a scaler."""
+    dropout 0.1, MLMLoss, under autocast bf16 (its config's mixed_precision; fp32: none)
+    without a scaler."""
     import modeling.maskgit as maskgit
     from modeling.modules.losses import MLMLoss
 
@@ -65,7 +66,7 @@ def _maskgit_step(case, off):
     drop = case.recipe.label_dropout
 
     def step():
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=not fp32):
             masked, masks = model.masking_input_tokens(b["tokens"])
             logits = model(masked, b["label"].clone(), cond_drop_prob=drop)
             loss, _ = loss_module(logits, b["tokens"], weights=masks)
@@ -78,16 +79,17 @@ def _maskgit_step(case, off):
     return step
 
 
-def step_fn(case, path: str):
+def step_fn(case, path: str, fp32: bool = False):
+    """The official step in its configs' mixed precision, or in fp32 (`fp32`)."""
     if case.cfg.job.recipe == "titok":
         from tatitok_fast.benchmarks.official_titok_training import titok_step_fn
 
-        return titok_step_fn(case, path)
+        return titok_step_fn(case, path, fp32)
     off = import_official(path)
     dev, b = case.device, case.batch
     kind = case.cfg.job.recipe
     if kind == "maskgit":
-        return _maskgit_step(case, off)
+        return _maskgit_step(case, off, fp32)
     cls = off.TATiTok if kind == "tatitok" else (off.MaskGen_KL if case.recipe.mode == "vae" else off.MaskGen_VQ)
     model = official_model(cls, case.model).train().requires_grad_(True)
     loss_module = None
@@ -109,7 +111,7 @@ def step_fn(case, path: str):
                             weight_decay=case.cfg.optimizer.weight_decay)
     d_opt = (torch.optim.AdamW(loss_module.parameters(), lr=case.cfg.aux_optimizer.lr)
              if kind == "tatitok" else None)
-    amp, backward_step = official_mixed_precision(dev)
+    amp, backward_step = official_mixed_precision(dev, fp32)
 
     def step():
         with torch.autocast(**amp):

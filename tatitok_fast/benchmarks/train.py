@@ -1,7 +1,9 @@
 """Training step rate: one optimizer step (forward, loss, backward, clip, AdamW) of a recipe,
-ours in bf16, FP8 through torchao and Transformer Engine (where installed), and the official
-training step (model + its loss, autocast fp16 + GradScaler on CUDA as its configs run,
-autocast bf16 on CPU) on the same config, weights and batch, in the same run.
+ours in bf16 (and fp32 on CPU), FP8 through torchao and Transformer Engine (where installed),
+and the official training step (model + its loss, autocast fp16 + GradScaler on CUDA as its
+configs run, autocast bf16 on CPU) on the same config, weights and batch, in the same run.
+On CPU the official step is also timed in fp32, its faster mode on CPUs without bf16 units:
+`vs official best` divides by the faster of the two official rows.
 
 Inputs are synthetic tensors of the real shapes: token ids / posterior parameters / images,
 and CLIP conditions of the right size (the frozen text tower and data loading are outside
@@ -21,14 +23,15 @@ import torch.nn as nn
 from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure, run_header, to_mib
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "training" / "recipes"
-BACKENDS = ("bf16", "torchao", "te")
+BACKENDS = ("bf16", "fp32", "torchao", "te")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="maskgen_vq_xl_stage1",
                         help="a recipe in training/recipes (name) or a TOML path (quick: a tiny recipe)")
     parser.add_argument("--batch", type=int, default=None, help="per-step batch (default: the recipe's)")
-    parser.add_argument("--backends", default="bf16,torchao,te", help=f"ours: comma-separated of {BACKENDS}")
+    parser.add_argument("--backends", default=None,
+                        help=f"ours: comma-separated of {BACKENDS} (default: bf16,torchao,te; on CPU fp32 too)")
     parser.add_argument("--official", default=None, metavar="PATH",
                         help="a checkout of bytedance/1d-tokenizer: also time its training step")
 
@@ -112,12 +115,13 @@ class Step:
         return out
 
     def ours(self, backend: str):
-        """A step closure of our model for `backend` (bf16 autocast; FP8 projections)."""
+        """A step closure of our model for `backend` (bf16 autocast; fp32; FP8 projections)."""
         from tatitok_fast.training import fp8, optim
 
         model = copy.deepcopy(self.model)
         ctx = contextlib.nullcontext
-        if backend != "bf16":
+        amp = backend != "fp32"
+        if backend not in ("bf16", "fp32"):
             fp8_cfg = copy.deepcopy(self.cfg.fp8)
             fp8_cfg.backend, fp8_cfg.emulate = backend, self.device.type != "cuda"
             if backend == "te":
@@ -135,14 +139,14 @@ class Step:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16), ctx():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp), ctx():
                 out = self.recipe.forward_loss(model, self.batch, 1)
             out.loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if aux is not None:
                 aux_opt.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                     d = self.recipe.aux_loss(aux, self.batch, out.extras, 1)
                 if d is not None:
                     d.loss.backward()
@@ -151,11 +155,12 @@ class Step:
 
         return step
 
-    def official(self, path: str):
-        """The official training step on the same config, weights and batch."""
+    def official(self, path: str, fp32: bool = False):
+        """The official training step on the same config, weights and batch (fp32: without its
+        mixed precision)."""
         from tatitok_fast.benchmarks import official_training
 
-        return official_training.step_fn(self, path)
+        return official_training.step_fn(self, path, fp32)
 
 
 def _class_token_sample(i: int, ids: torch.Tensor, label: int, recipe) -> dict:
@@ -170,7 +175,8 @@ def _class_token_sample(i: int, ids: torch.Tensor, label: int, recipe) -> dict:
 
 def run(args: argparse.Namespace, devices: list[str]) -> Report:
     report = Report(header=run_header(list(devices)))
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    spec = args.backends or ("bf16,fp32,torchao,te" if all(d == "cpu" for d in devices) else "bf16,torchao,te")
+    backends = [b.strip() for b in spec.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKENDS]
     if bad:
         raise SystemExit(f"--backends: expected a comma-separated list of {BACKENDS}, got {bad}")
@@ -189,6 +195,8 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
             official_amp = "fp16 + GradScaler" if device == "cuda" and case.cfg.job.recipe != "maskgit" else \
                 "autocast bf16"  # the official MaskGIT config trains in bf16
             fns.append(("official", official_amp, case.official(args.official)))
+            if device == "cpu":  # its faster mode where the CPU has no bf16 units
+                fns.append(("official", "fp32", case.official(args.official, fp32=True)))
         rows = []
         for impl, dtype, fn in fns:
             plan = case.fp8_plans.get(dtype) if impl == "tatitok_fast" else None
@@ -201,12 +209,12 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
                                     peak_extra_mb=to_mib(t.peak_extra_bytes), variant=variant, items_per_s=ips,
                                     tflops=flops * ips / 1e12 if flops else None))
         report.notes += case.notes
-        base = next((r for r in rows if r.impl == "official"), None)
+        base = next((r for r in rows if r.impl == "official"), None)  # the configs' mixed precision
         for r in rows:
-            if base is not None and r is not base:
+            if base is not None and r.impl != "official":
                 r.speedup = base.median_ms / r.median_ms
         report.rows += rows
-    report.notes.append("speedup = official step time / ours; TFLOP/s from the recipe's FLOPs per sample "
+    report.notes.append("speedup = official step time in its configs' mixed precision / ours; TFLOP/s from the recipe's FLOPs per sample "
                         "(MFU = that / the GPU's dense bf16 peak); items/s = images per second; synthetic batch, "
                         "frozen text tower and data loading outside the step")
     report.header["load_avg_1m_end"] = load_average()
