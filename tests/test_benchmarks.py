@@ -259,6 +259,24 @@ def test_bench_generate_quick_without_official(tmp_path, generator):
     assert fast["baseline"] == "reference reference_mode fp32 (extra)"
     assert fast["speedup"] == pytest.approx(ref["median_ms"] / fast["median_ms"])
     assert any("not the official code" in n for n in data["notes"])
+    # the same counted FLOPs per call for both rows, as % of the matmul peak timed in the run
+    flops = [r["tflops"] * 1e12 * r["median_ms"] * 1e-3 for r in (fast, ref)]
+    assert flops[0] > 0 and flops[0] == pytest.approx(flops[1])
+    peaks = data["header"]["gemm_peak_tflops"]  # bf16 rows: the fp32 peak where the CPU lacks bf16 units
+    from tatitok_fast.models.nn.layers import _cpu_has_native
+
+    for r in (fast, ref):
+        dtype = r["dtype"] if r["dtype"] == "float32" or _cpu_has_native(getattr(torch, r["dtype"])) else "float32"
+        assert r["pct_of_gemm_peak"] == pytest.approx(100 * r["tflops"] / peaks[f"cpu {dtype}"])
+
+
+def test_count_flops_and_gemm_peak():
+    lin, x = torch.nn.Linear(64, 32), torch.randn(8, 64)
+    assert harness.count_flops(lambda: lin(x)) == 2 * 8 * 64 * 32
+    conv, img = torch.nn.Conv2d(3, 16, 3, padding=1), torch.randn(2, 3, 8, 8)
+    assert harness.count_flops(lambda: conv(img)) == 2 * (2 * 16 * 8 * 8) * (3 * 3 * 3)
+    assert harness.count_flops(lambda: x.relu()) == 0  # elementwise work is not counted
+    assert 0 < harness.gemm_peak_tflops("cpu", torch.float32, min_run_time=0.05) < 100
 
 
 @pytest.mark.slow  # compiles two tokenizers: 35 s

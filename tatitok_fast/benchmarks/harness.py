@@ -42,7 +42,8 @@ class Measurement:
     `official_best` names that row's variant (filled by `fill_vs_official_best`);
     the throughput fields are filled where the suite knows the work done: `gbps` (bytes
     read + written per second), `pct_of_peak` (gbps as % of a device-to-device copy measured
-    in the same run), `tflops`, `items_per_s` (the suite says what an item is).
+    in the same run), `tflops`, `pct_of_gemm_peak` (tflops as % of a large square matmul in
+    the row's dtype, timed in the same run), `items_per_s` (the suite says what an item is).
     """
 
     suite: str
@@ -65,6 +66,7 @@ class Measurement:
     vs_official_best: float | None = None
     official_best: str = ""
     compile_s: float | None = None  # compiled rows: seconds of the first call (compile + one run)
+    pct_of_gemm_peak: float | None = None  # tflops as % of a large square matmul in the row's dtype, same run
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -367,6 +369,29 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30, min_r
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
+def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, min_run_time: float = 0.5) -> float:
+    """A practical compute peak (TFLOP/s): a large square matmul in `dtype` (n = 8192 on CUDA,
+    4096 fp32 / 1024 low precision on CPU, where bf16 without matrix units is slow; on 2 AVX2
+    cores fp32 reached 73, 80 and 111 GFLOP/s at n = 1024, 2048, 4096), 2 n^3 FLOPs per call,
+    timed with torch's thread count."""
+    cuda = torch.device(device).type == "cuda"
+    n = 8192 if cuda else (4096 if dtype == torch.float32 else 1024)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    t = measure(lambda: a @ b, device=device, min_run_time=min_run_time, memory=False, flush_l2=False)
+    return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` by torch's FlopCounterMode (matmuls, convolutions and
+    attention; elementwise work is not counted), under no_grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def to_mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / _MIB
 
@@ -497,6 +522,7 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("GB/s", "gbps", "{:.1f}"),
     ("% peak", "pct_of_peak", "{:.0f}%"),
     ("TFLOP/s", "tflops", "{:.3g}"),
+    ("% GEMM peak", "pct_of_gemm_peak", "{:.0f}%"),
     ("items/s", "items_per_s", "{:.3g}"),
     ("timer", "timer", "{}"),
     ("compile s", "compile_s", "{:.1f}"),
@@ -514,7 +540,7 @@ class Report:
     def _columns(self) -> list[tuple[str, str, str]]:
         # throughput columns only when some row has them
         keep = {"gbps", "pct_of_peak", "tflops", "items_per_s", "timer", "vs_official_best", "official_best",
-                "compile_s"}
+                "compile_s", "pct_of_gemm_peak"}
         return [c for c in _COLUMNS if c[1] not in keep or any(getattr(r, c[1]) not in (None, "") for r in self.rows)]
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:

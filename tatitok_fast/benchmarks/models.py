@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from tatitok_fast import presets
-from tatitok_fast.benchmarks.harness import (Measurement, Report, load_average, measure_interleaved, run_header,
-                                             to_mib)
+from tatitok_fast.benchmarks.harness import (Measurement, Report, count_flops, gemm_peak_tflops, load_average,
+                                             measure_interleaved, run_header, to_mib)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -211,9 +211,11 @@ def warm_compiled(case: ModelCase) -> dict[str, float]:
 
 
 def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
-    """Time every variant of `case` with the harness; speed-ups against its baseline row."""
+    """Time every variant of `case` with the harness; speed-ups against its baseline row;
+    TFLOP/s from the FLOPs of one eager call (every variant does the same work)."""
     rows: dict[str, Measurement] = {}
     compile_s = warm_compiled(case)
+    flops = count_flops(next(v.fn for v in case.variants if v.key != "compiled")) if case.variants else 0
     timings = measure_interleaved([v.fn for v in case.variants], device=device, min_run_time=min_run_time(args),
                                   memory=args.quick or device == "cuda", rounds=getattr(args, "rounds", None))
     for v, t in zip(case.variants, timings):
@@ -221,13 +223,41 @@ def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
                                   dtype=dtype_name(v.dtype), shapes=case.shapes, median_ms=t.median_ms,
                                   iqr_ms=t.iqr_ms, peak_extra_mb=to_mib(t.peak_extra_bytes), variant=v.label(),
                                   items_per_s=case.items / (t.median_ms * 1e-3), timer=t.timer,
-                                  compile_s=compile_s.get(v.key))
+                                  compile_s=compile_s.get(v.key),
+                                  tflops=flops / (t.median_ms * 1e-3) / 1e12 if flops else None)
     for v in case.variants:
         base = case.baseline_of(v.key)
         if base is not None:
             rows[v.key].speedup = rows[base.key].median_ms / rows[v.key].median_ms
             rows[v.key].baseline = f"{base.impl} {base.label()}"
     return list(rows.values())
+
+
+def fill_gemm_peak(report: Report, devices) -> None:
+    """Each row's TFLOP/s as % of a large square matmul on its device, timed now, in its dtype,
+    or in fp32 for bf16/fp16 rows on a CPU without units for them (there the fp32 matmul is the
+    fastest this machine does that work, and what our low-precision path runs). The peaks go
+    into the header, keyed "device dtype"."""
+    from tatitok_fast.models.nn.layers import _cpu_has_native
+
+    by_name = {dtype_name(d): d for d in DTYPES.values()}  # a row's dtype column -> dtype
+    peaks: dict[tuple[str, str], float] = {}
+    for r in report.rows:
+        if r.tflops is None or r.dtype not in by_name:
+            continue
+        dtype = by_name[r.dtype]
+        if r.device == "cpu" and dtype != torch.float32 and not _cpu_has_native(dtype):
+            dtype = torch.float32
+        key = (r.device, dtype_name(dtype))
+        if key not in peaks:
+            peaks[key] = gemm_peak_tflops(r.device, dtype)
+        r.pct_of_gemm_peak = 100.0 * r.tflops / peaks[key]
+    if peaks:
+        report.header["gemm_peak_tflops"] = {f"{d} {t}": v for (d, t), v in peaks.items()}
+        report.notes.append("TFLOP/s: matmul, convolution and attention FLOPs of one eager call (torch's "
+                            "FlopCounterMode) per second; % GEMM peak: of a square matmul timed in this run ("
+                            + ", ".join(f"{d} {t} {v:.3g} TFLOP/s" for (d, t), v in peaks.items())
+                            + "), in fp32 for bf16/fp16 rows on a CPU without bf16/fp16 units")
 
 
 def model_report(kind: str, cases_fn, args, devices) -> Report:
@@ -247,6 +277,7 @@ def model_report(kind: str, cases_fn, args, devices) -> Report:
             for case in cases:
                 report.rows += case_rows(case, device, args)
                 bar.update(len(case.variants))
+    fill_gemm_peak(report, devices)
     if not args.official:
         report.notes.append("no --official checkout given: speed-ups are against our reference_mode fp32 row, "
                             "not the official code")
