@@ -214,8 +214,8 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
             if base is not None and r.impl != "official":
                 r.speedup = base.median_ms / r.median_ms
         report.rows += rows
-    report.notes.append("speedup = official step time in its configs' mixed precision / ours; TFLOP/s from the recipe's FLOPs per sample "
-                        "(MFU = that / the GPU's dense bf16 peak); items/s = images per second; synthetic batch, "
-                        "frozen text tower and data loading outside the step")
+    report.notes.append("speedup = official step time in its configs' mixed precision / ours; TFLOP/s from the "
+                        "recipe's FLOPs per sample (MFU = that / the GPU's dense bf16 peak); items/s = images per "
+                        "second; synthetic batch, frozen text tower and data loading outside the step")
     report.header["load_avg_1m_end"] = load_average()
     return report
