@@ -263,10 +263,10 @@ def test_bench_generate_quick_without_official(tmp_path, generator):
     flops = [r["tflops"] * 1e12 * r["median_ms"] * 1e-3 for r in (fast, ref)]
     assert flops[0] > 0 and flops[0] == pytest.approx(flops[1])
     peaks = data["header"]["gemm_peak_tflops"]  # bf16 rows: the fp32 peak where the CPU lacks bf16 units
-    from tatitok_fast.models.nn.layers import _cpu_has_native
+    from tatitok_fast.models.nn.layers import cpu_upcasts
 
     for r in (fast, ref):
-        dtype = r["dtype"] if r["dtype"] == "float32" or _cpu_has_native(getattr(torch, r["dtype"])) else "float32"
+        dtype = "float32" if cpu_upcasts(torch.empty(0, dtype=getattr(torch, r["dtype"]))) else r["dtype"]
         assert r["pct_of_gemm_peak"] == pytest.approx(100 * r["tflops"] / peaks[f"cpu {dtype}"])
 
 

@@ -233,12 +233,12 @@ def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
     return list(rows.values())
 
 
-def fill_gemm_peak(report: Report, devices) -> None:
+def fill_gemm_peak(report: Report) -> None:
     """Each row's TFLOP/s as % of a large square matmul on its device, timed now, in its dtype,
     or in fp32 for bf16/fp16 rows on a CPU without units for them (there the fp32 matmul is the
     fastest this machine does that work, and what our low-precision path runs). The peaks go
     into the header, keyed "device dtype"."""
-    from tatitok_fast.models.nn.layers import _cpu_has_native
+    from tatitok_fast.models.nn.layers import cpu_upcasts
 
     by_name = {dtype_name(d): d for d in DTYPES.values()}  # a row's dtype column -> dtype
     peaks: dict[tuple[str, str], float] = {}
@@ -246,7 +246,7 @@ def fill_gemm_peak(report: Report, devices) -> None:
         if r.tflops is None or r.dtype not in by_name:
             continue
         dtype = by_name[r.dtype]
-        if r.device == "cpu" and dtype != torch.float32 and not _cpu_has_native(dtype):
+        if r.device == "cpu" and cpu_upcasts(torch.empty(0, dtype=dtype)):  # no bf16/fp16 units here
             dtype = torch.float32
         key = (r.device, dtype_name(dtype))
         if key not in peaks:
@@ -277,7 +277,7 @@ def model_report(kind: str, cases_fn, args, devices) -> Report:
             for case in cases:
                 report.rows += case_rows(case, device, args)
                 bar.update(len(case.variants))
-    fill_gemm_peak(report, devices)
+    fill_gemm_peak(report)
     if not args.official:
         report.notes.append("no --official checkout given: speed-ups are against our reference_mode fp32 row, "
                             "not the official code")
