@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "cpu/cpu_vec.h"
-#include "kl_backward_inputs.h"
+#include "kl_host.h"
 #include "op_checks.h"
 #include "ops.h"
 
@@ -50,12 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cpu(const a
                                                                          bool deterministic,
                                                                          std::optional<at::Generator> generator) {
   check_kl_args(parameters, noise);
-  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
-  const auto f32 = parameters.options().dtype(at::kFloat);
-  auto sample = at::empty({B, C, H, W}, f32);
-  auto mean = at::empty({B, C, H, W}, f32);
-  auto std_out = at::empty({B, C, H, W}, f32);
-  auto kl = at::zeros({B, W}, f32);
+  auto [B, C, H, W, sample, mean, std_out, kl] = allocate_kl_outputs(parameters);
   if (sample.numel() == 0) return {sample, mean, std_out, kl};
   const at::Tensor params = parameters.to(at::kFloat).contiguous();
   // In-kernel noise on CPU comes from torch's own vectorised normal sampler (the CPU
@@ -64,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cpu(const a
   if (noise.has_value()) {
     eps_t = noise->contiguous();
   } else if (!deterministic) {
-    eps_t = at::empty({B, C, H, W}, f32);
+    eps_t = at::empty_like(sample);  // fp32 (B, C, H, W)
     eps_t.normal_(0.0, 1.0, generator);
   }
 

@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "cuda/host_utils.h"
-#include "kl_backward_inputs.h"
+#include "kl_host.h"
 #include "op_checks.h"
 #include "ops.h"
 
@@ -15,12 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_sample_cuda(const 
                                                                           std::optional<at::Generator> generator) {
   check_kl_args(parameters, noise);
   const c10::cuda::CUDAGuard guard(parameters.device());
-  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
-  const auto f32 = parameters.options().dtype(at::kFloat);
-  auto sample = at::empty({B, C, H, W}, f32);
-  auto mean = at::empty({B, C, H, W}, f32);
-  auto std_out = at::empty({B, C, H, W}, f32);
-  auto kl = at::zeros({B, W}, f32);
+  auto [B, C, H, W, sample, mean, std_out, kl] = allocate_kl_outputs(parameters);
   if (sample.numel() == 0) return {sample, mean, std_out, kl};
   const at::Tensor params = parameters.contiguous();
   const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();

@@ -1,5 +1,6 @@
-// Host-side preparation shared by the CPU and CUDA kl_sample_backward: fp32 contiguous copies
-// of everything the per-column gradient (kl_math.h) reads, and the fp32 output.
+// Host-side preparation shared by the CPU and CUDA kl_sample and kl_sample_backward: the
+// forward's fp32 outputs; for the backward, fp32 contiguous copies of everything the
+// per-column gradient (kl_math.h) reads, and the fp32 output.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,20 @@
 #include "op_checks.h"
 
 namespace tatitok_fast {
+
+// kl_sample's outputs for parameters (B, 2C, H, W): sample, mean, std (B, C, H, W) and kl
+// (B, W, zero-filled: the kernels accumulate into it), all fp32 on parameters' device.
+struct KLOutputs {
+  int64_t B, C, H, W;
+  at::Tensor sample, mean, std_out, kl;
+};
+
+inline KLOutputs allocate_kl_outputs(const at::Tensor& parameters) {
+  const int64_t B = parameters.size(0), C = parameters.size(1) / 2, H = parameters.size(2), W = parameters.size(3);
+  const auto f32 = parameters.options().dtype(at::kFloat);
+  return KLOutputs{B, C, H, W, at::empty({B, C, H, W}, f32), at::empty({B, C, H, W}, f32),
+                   at::empty({B, C, H, W}, f32), at::zeros({B, W}, f32)};
+}
 
 struct KLBackwardInputs {
   int64_t B, C, H, W;
