@@ -229,8 +229,10 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_code_cpu(const at::Tensor& z, cons
   auto distances = at::empty({N}, z.options().dtype(at::kFloat));
   if (N == 0) return {indices, distances};
 
-  at::Tensor zf = z.to(at::kFloat).contiguous();
-  at::Tensor ef = codebook.to(at::kFloat).contiguous();
+  // detached: the search is not differentiable, and the BLAS path calls at::mm_out on worker
+  // threads, where grad mode is on whatever the caller's (a Parameter there would be refused)
+  at::Tensor zf = z.detach().to(at::kFloat).contiguous();
+  at::Tensor ef = codebook.detach().to(at::kFloat).contiguous();
   if (l2_normalize) {  // as torch.nn.functional.normalize(x, dim=-1): x / max(||x||, 1e-12)
     zf = zf / zf.norm(2, 1, true).clamp_min(1e-12);
     ef = ef / ef.norm(2, 1, true).clamp_min(1e-12);

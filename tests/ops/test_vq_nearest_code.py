@@ -128,6 +128,22 @@ def test_empty_rows_and_noncontiguous(device):
     assert torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_parameters_on_many_threads(grad):
+    """Clustering VQ searches with the codebook Parameter itself as the rows (roles swapped),
+    under no_grad: the BLAS path's worker threads (grad mode on there) must not refuse it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = torch.nn.Parameter(torch.randn(8192, 64))  # 128 row blocks of the sgemm path
+        e = torch.nn.Parameter(torch.randn(300, 64))
+        with torch.set_grad_enabled(grad):
+            idx, _ = ops.vq_nearest_code(z, e)
+        assert torch.equal(idx, vq_nearest_code_ref(z.detach(), e.detach())[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_opcheck():
     z, e = torch.randn(17, 16), torch.randn(40, 16)
     torch.library.opcheck(torch.ops.tatitok_fast.vq_nearest_code, (z, e, False))
