@@ -78,7 +78,7 @@ class Optimizer:
     betas: list = opt([0.9, 0.999], "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(1e-4, "weight decay (not on biases, norms, embeddings: the official groups)")
-    fused: str = opt("auto", "fused AdamW kernel: auto (on CUDA), on, off", ("auto", "on", "off"))
+    fused: str = opt("auto", "fused AdamW kernel: auto (on CUDA and CPU), on, off", ("auto", "on", "off"))
 
 
 @dataclass

@@ -67,7 +67,7 @@ class Trainer:
         recipe.build_frozen()
         self.model = parallel.parallelize(model, recipe.blocks(model), cfg.parallelism, world, t.mixed_precision)
         # optimizers (after sharding), EMA; skipping a non-finite step needs fused AdamW's found_inf
-        # (auto would pick foreach on a CPU; config.validate refuses fused = "off" with skip)
+        # (config.validate refuses fused = "off" with skip)
         skip = t.nonfinite == "skip"
         opt_cfg, aux_opt_cfg = ((dataclasses.replace(c, fused="on") for c in (cfg.optimizer, cfg.aux_optimizer))
                                 if skip else (cfg.optimizer, cfg.aux_optimizer))
