@@ -248,6 +248,22 @@ def test_bench_train_on_cpu_divides_by_the_faster_official_mode(tmp_path):
     assert rows[2]["speedup"] is None and rows[3]["speedup"] is None
 
 
+@needs_official
+def test_bench_train_names_what_the_official_code_cannot_build(tmp_path):
+    # the demo's tokenizer (micro ViTs, grid-anchored latents, canvas init): our rows, and a note
+    # naming each non-official option instead of the official code's KeyError
+    out = tmp_path / "r.json"
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--no-progress", "--recipe",
+                 "training/recipes/demo_tokenizer.toml", "--backends", "fp32", "--official", str(OFFICIAL),
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["impl"], r["dtype"]) for r in report["rows"]] == [("tatitok_fast", "fp32")]
+    note = next(n for n in report["notes"] if "official" in n and "cannot build" in n)
+    for option in ("vit_enc_model_size = 'micro'", "grid_anchored_latents = True", "decoder_init_canvas = 1.0"):
+        assert option in note, note
+    from tatitok_fast.benchmarks.official_training import check_official_config
+    check_official_config({"model": {"vq_model": {"vit_enc_model_size": "base", "vit_dec_model_size": "large"}}})
+
 @pytest.mark.parametrize("generator", ["maskgen_vq_l", "maskgen_kl_l"])
 def test_bench_generate_quick_without_official(tmp_path, generator):
     out = tmp_path / "r.json"

@@ -79,8 +79,29 @@ def _maskgit_step(case, off, fp32: bool):
     return step
 
 
+OFFICIAL_VIT_SIZES = ("small", "base", "large")
+NOT_OFFICIAL = ("grid_anchored_latents", "decoder_init_canvas")  # our model options (the CPU demo's)
+
+
+class NotOfficial(ValueError):
+    """The case's model has options the official code cannot build: no official row."""
+
+
+def check_official_config(config: dict) -> None:
+    """Raise NotOfficial naming each option of `config` (a model config dict) that
+    bytedance/1d-tokenizer lacks: a ViT size outside small/base/large, our demo options."""
+    vq = config.get("model", {}).get("vq_model", {})
+    bad = [f"{k} = {vq[k]!r}" for k in ("vit_enc_model_size", "vit_dec_model_size")
+           if k in vq and vq[k] not in OFFICIAL_VIT_SIZES]
+    bad += [f"{k} = {vq[k]!r}" for k in NOT_OFFICIAL if vq.get(k)]
+    if bad:
+        raise NotOfficial(f"the official code cannot build this model ({', '.join(bad)}; it knows the ViT sizes "
+                          f"{', '.join(OFFICIAL_VIT_SIZES)} and none of {', '.join(NOT_OFFICIAL)}): no official row")
+
+
 def step_fn(case, path: str, fp32: bool = False):
     """The official step in its configs' mixed precision, or in fp32 (`fp32`)."""
+    check_official_config(case.model.config)
     if case.cfg.job.recipe == "titok":
         from tatitok_fast.benchmarks.official_titok_training import titok_step_fn
 
