@@ -44,6 +44,9 @@ def check_compatible(generator, tokenizer) -> None:
             problems.append(f"token_size: generator {vq['token_size']}, tokenizer {tokenizer.token_size}")
         if want_mode == "vq" and tokenizer.codebook_size != vq["codebook_size"]:
             problems.append(f"codebook size: generator {vq['codebook_size']}, tokenizer {tokenizer.codebook_size}")
+        if tokenizer.decoder.text_context_length != generator.text_context_length:
+            problems.append(f"text_context_length (CLIP tokens per caption): generator "
+                            f"{generator.text_context_length}, tokenizer {tokenizer.decoder.text_context_length}")
     if problems:
         raise ValueError("generator/tokenizer mismatch: " + "; ".join(problems))
 

@@ -271,10 +271,14 @@ class CLIPTextEncoder(nn.Module):
             self.to(device)
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "CLIPTextEncoder":
+    def tiny(cls, seed: int = 0, context_length: int = 77) -> "CLIPTextEncoder":
         """A random CLIP with a 64-wide, 2-layer text tower (embed_dim 64) and the real
         ViT-L-14-336 tokenizer: for tests, quick benchmarks and the demo, with
-        tatitok_fast.presets' tiny configs. The weights depend on `seed` only. No download."""
+        tatitok_fast.presets' tiny configs. The weights depend on `seed` (and the context
+        length) only. No download. context_length: tokens per caption (CLIP's 77; the demo's
+        one-line captions fit in 16, which makes every text token its models attend to real)."""
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or not 2 <= context_length <= 77:
+            raise ValueError(f"context_length: expected an int in [2, 77], got {context_length!r}")
         import open_clip
         from open_clip.model import CLIP
 
@@ -285,12 +289,12 @@ class CLIPTextEncoder(nn.Module):
             torch.manual_seed(seed)
             model = CLIP(embed_dim=64,
                          vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-                         text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
+                         text_cfg={"context_length": context_length, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.05, generator=gen) if p.dim() > 1 else p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        self = cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336"))
-        self._spec = {"name": "tiny", "seed": seed}
+        self = cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336", context_length=context_length))
+        self._spec = {"name": "tiny", "seed": seed, **({"context_length": context_length} if context_length != 77 else {})}
         return self
 
     # -- specs: the text encoder a checkpoint's config names (model.text_encoder) ------------
@@ -301,20 +305,21 @@ class CLIPTextEncoder(nn.Module):
         """Build the encoder a spec names (the `model.text_encoder` entry of a config):
 
             {"name": "tiny", "seed": 0}                        CLIPTextEncoder.tiny(0), offline
+                (optional "context_length": int, as in tiny())
             {"name": "ViT-L-14-336", "pretrained": "openai"}   open_clip model + tag / file / None
                 (optional "quick_gelu": bool, as in __init__)
         """
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ValueError(f"text encoder spec: expected a dict with a 'name' (an open_clip model or "
                              f"'tiny'), got {spec!r}")
-        allowed = {"name", "seed"} if spec["name"] == "tiny" else {"name", "pretrained", "quick_gelu"}
+        allowed = {"name", "seed", "context_length"} if spec["name"] == "tiny" else {"name", "pretrained", "quick_gelu"}
         if unknown := sorted(set(spec) - allowed):
             raise ValueError(f"text encoder spec {spec!r}: unknown keys {unknown}; expected {sorted(allowed)}")
         if spec["name"] == "tiny":
             seed = spec.get("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ValueError(f"text encoder spec {spec!r}: 'seed' must be an int")
-            enc = cls.tiny(seed)
+            enc = cls.tiny(seed, spec.get("context_length", 77))
             return enc.to(device) if device is not None else enc
         if "pretrained" not in spec:
             raise ValueError(f"text encoder spec {spec!r}: expected 'pretrained' (a tag, a weights file or null)")
@@ -370,7 +375,7 @@ class CLIPTextEncoder(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """L: tokens per caption (77)."""
+        """L: tokens per caption (77 for CLIP)."""
         return int(self.model.positional_embedding.shape[0])
 
     @property

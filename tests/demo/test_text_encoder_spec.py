@@ -48,6 +48,39 @@ def test_spec_round_trip():
     assert CLIPTextEncoder.from_open_clip(enc.model, enc.tokenizer).spec is None  # nothing to rebuild it from
 
 
+def test_short_context_end_to_end():
+    """The demo's text context (16 CLIP tokens, its captions' longest is 15): the spec keeps
+    it, the tokenizer cuts to it, a tokenizer + generator built for it generate, and a
+    generator/tokenizer pair of different lengths is refused before any compute."""
+    spec = {"name": "tiny", "seed": 3, "context_length": 16}
+    enc = CLIPTextEncoder.from_spec(spec)
+    assert enc.spec == spec and enc.context_length == 16
+    from tatitok_fast.demo import shapes
+    from tatitok_fast.demo.run import TEXT_ENCODER
+
+    assert TEXT_ENCODER["context_length"] == 16
+    captions = [shapes.caption([{"color": c1, "shape": s1, "position": "left"},
+                                {"color": c2, "shape": s2, "position": "right"}])
+                for c1, s1 in shapes.ALL_PAIRS for c2, s2 in shapes.ALL_PAIRS]
+    ids = enc.tokenize(captions)  # every two-object caption of the demo's grammar: none is cut
+    eot = ids.argmax(-1)  # CLIP's EOT has the largest id
+    assert ids.shape == (len(captions), 16) and int(eot.max()) == 14
+    assert bool((ids.gather(1, eot[:, None]) == ids.max()).all()) and int((ids[:, 15] != 0).sum()) == 0
+    assert enc(["a red circle"]).guidance.shape == (1, 16, enc.width)
+    torch.manual_seed(0)
+    tok_cfg, gen_cfg = tiny_tokenizer_config("vq"), tiny_generator_config("vq")
+    for cfg in (tok_cfg, gen_cfg):
+        cfg["model"]["vq_model"]["text_context_length"] = 16
+    tok, gen = TATiTok(tok_cfg).eval(), MaskGen_VQ(gen_cfg).eval()
+    images = TextToImage(gen, tok, enc)(["a red circle", "a blue square"], steps=2,
+                                        generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, tok.image_size, tok.image_size) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="text_encoder: gives 77 CLIP tokens per caption, the generator was built for 16"):
+        TextToImage(gen, tok, CLIPTextEncoder.tiny(3)).tokens(["a red circle"], steps=2)
+    with pytest.raises(ValueError, match="text_context_length .*generator 77, tokenizer 16"):
+        TextToImage(MaskGen_VQ(tiny_generator_config("vq")), tok, enc)
+
+
 def test_spec_of_a_named_open_clip_model(tmp_path):
     import open_clip
 
@@ -65,6 +98,7 @@ def test_spec_of_a_named_open_clip_model(tmp_path):
     ("tiny", "expected a dict with a 'name'"),
     ({"name": "tiny", "seed": 0, "width": 64}, r"unknown keys \['width'\]"),
     ({"name": "tiny", "seed": "0"}, "'seed' must be an int"),
+    ({"name": "tiny", "seed": 0, "context_length": 78}, r"context_length: expected an int in \[2, 77\]"),
     ({"name": "ViT-L-14-336"}, "expected 'pretrained'"),
     ({"name": "no-such-clip", "pretrained": None}, "is not an open_clip model"),
 ])

@@ -23,6 +23,7 @@ class _MaskGenBase(PretrainedModel):
         super().__init__(config)
         vq, mg = self.config["model"]["vq_model"], self.config["model"]["maskgen"]
         self.text_embed_dim = vq.get("text_embed_dim", 768)
+        self.text_context_length = vq.get("text_context_length", 77)  # the tokenizer's key: CLIP tokens per caption
         self.micro_condition = mg.get("micro_condition", False)
         self.micro_condition_embed_dim = mg.get("micro_condition_embed_dim", 256)
         self.sample_aesthetic_score = mg.get("sample_aesthetic_score", 6.0)
@@ -57,7 +58,8 @@ class _MaskGenBase(PretrainedModel):
                              generator: torch.Generator | None = None):
         """Training conditions: CLIP states, each caption replaced by "" with p=text_drop_prob."""
         captions = _check_captions(captions)
-        cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder)
+        cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
+                                                       context_length=self.text_context_length)
         # (B, 1, 1), drawn on the generator's device (the CPU default generator when None)
         where = generator.device if generator is not None else "cpu"
         drop = (torch.rand(len(captions), 1, 1, generator=generator, device=where) < self.text_drop_prob).to(cond)

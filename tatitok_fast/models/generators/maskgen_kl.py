@@ -247,7 +247,8 @@ class MaskGen_KL(_MaskGenBase):
         schedule = self.sampling_schedule(num_iter, cfg, cfg_schedule)
         use_cfg = cfg != 1.0
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
-                                                       default_encoder=lambda: default_text_encoder(self, device))
+                                                       default_encoder=lambda: default_text_encoder(self, device),
+                                                       context_length=self.text_context_length)
         dtype = self.mask_token.dtype
         if use_cfg:
             cond, pooled = torch.cat([cond, null_c.expand(bsz, -1, -1)]), torch.cat([pooled, null_p.expand(bsz, -1, -1)])

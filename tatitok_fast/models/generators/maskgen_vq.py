@@ -95,7 +95,7 @@ class MaskGen_VQ(_MaskGenBase):
         return torch.cat([condition_pooled.squeeze(1), code.to(condition_pooled.dtype)], dim=-1).unsqueeze(1)
 
     def project_conditions(self, condition, condition_pooled, aesthetic_score=None):
-        """Raw CLIP states -> (context (B, 77, D), pooled embedding (B, D))."""
+        """Raw CLIP states -> (context (B, L, D), pooled embedding (B, D)), L = text_context_length."""
         if self.micro_condition:
             if aesthetic_score is None:
                 raise ValueError("aesthetic_score: this model is micro-conditioned on aesthetics; pass (B,) scores")
@@ -133,7 +133,8 @@ class MaskGen_VQ(_MaskGenBase):
                    else type(input_tokens).__name__)
             raise ValueError(f"input_tokens: expected integer token ids (B, N), got {got}")
         input_tokens = input_tokens.long()
-        _check_text_states("condition", condition, input_tokens.shape[0], (77, self.text_embed_dim))
+        _check_text_states("condition", condition, input_tokens.shape[0],
+                           (self.text_context_length, self.text_embed_dim))
         if masks is not None:
             if masks.shape != input_tokens.shape or masks.dtype != torch.bool:
                 raise ValueError(f"masks: expected bool {tuple(input_tokens.shape)}, got {masks.dtype} "
@@ -244,7 +245,8 @@ class MaskGen_VQ(_MaskGenBase):
                                           softmax_temperature_annealing, guidance_decay, guidance_decay_scale_pow,
                                           prob_sorting)
         cond, pooled, null_c, null_p = text_conditions(captions, text_encoder, clip_tokenizer, clip_encoder,
-                                                       default_encoder=lambda: default_text_encoder(self, device))
+                                                       default_encoder=lambda: default_text_encoder(self, device),
+                                                       context_length=self.text_context_length)
         b = len(captions)
         dtype = self.pos_embed.dtype
         context, temb = self.project_conditions(

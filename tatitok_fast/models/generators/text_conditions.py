@@ -22,9 +22,11 @@ def _check_captions(captions) -> list[str]:
 
 
 def text_conditions(captions: Sequence[str], text_encoder=None, clip_tokenizer=None, clip_encoder=None,
-                    default_encoder: Callable[[], Any] | None = None):
-    """(penultimate (B, 77, W), pooled (B, 1, E), null penultimate (1, 77, W), null pooled (1, 1, E)).
-    The empty-prompt encoding is computed once per encoder, device and dtype."""
+                    default_encoder: Callable[[], Any] | None = None, context_length: int | None = None):
+    """(penultimate (B, L, W), pooled (B, 1, E), null penultimate (1, L, W), null pooled (1, 1, E)),
+    L = the encoder's context length (CLIP's 77), which must equal `context_length` when given
+    (checked before encoding). The empty-prompt encoding is computed once per encoder, device
+    and dtype."""
     from tatitok_fast.text import CLIPTextEncoder, encode_text
 
     if text_encoder is None and (clip_tokenizer is None) != (clip_encoder is None):
@@ -33,9 +35,13 @@ def text_conditions(captions: Sequence[str], text_encoder=None, clip_tokenizer=N
         if default_encoder is None:
             raise ValueError("text_encoder: pass a CLIPTextEncoder or the (clip_tokenizer, clip_encoder) pair")
         text_encoder = default_encoder()
+    if text_encoder is not None and not isinstance(text_encoder, CLIPTextEncoder):
+        raise TypeError(f"text_encoder: expected a tatitok_fast.text.CLIPTextEncoder, got {type(text_encoder).__name__}")
+    length = text_encoder.context_length if text_encoder is not None else int(clip_encoder.positional_embedding.shape[0])
+    if context_length is not None and length != context_length:
+        raise ValueError(f"text_encoder: gives {length} CLIP tokens per caption, the generator was built for "
+                         f"{context_length} (its config's vq_model.text_context_length)")
     if text_encoder is not None:
-        if not isinstance(text_encoder, CLIPTextEncoder):
-            raise TypeError(f"text_encoder: expected a tatitok_fast.text.CLIPTextEncoder, got {type(text_encoder).__name__}")
         enc, null = text_encoder(captions), text_encoder.empty_prompt(1)
     else:
         enc = encode_text(clip_tokenizer, clip_encoder, captions)

@@ -145,10 +145,10 @@ class MaskGenRecipe(Recipe):
         return StepOutput(loss, metrics)
 
     def flops_per_sample(self, model: nn.Module) -> float:
-        """6 x (image-stream params x N + text-stream params x 77) + attention, per sample:
+        """6 x (image-stream params x N + text-stream params x L) + attention, per sample:
         an estimate for MFU (per-sample adaLN projections and the DiffLoss MLP left out)."""
         blocks = list(model.blocks if self.mode == "vq" else model.decoder_blocks)
-        n, s = self.num_tokens, 77
+        n, s = self.num_tokens, model.text_context_length
         img = txt = 0
         for blk in blocks:
             for name, mod in blk.named_modules():

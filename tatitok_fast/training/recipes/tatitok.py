@@ -133,7 +133,7 @@ class TATiTokRecipe(Recipe):
         """6 x linear params x tokens per ViT + attention, for MFU (convs left out)."""
         g2, n = model.encoder.grid_size ** 2, model.num_latent_tokens
         total = 0.0
-        for vit, seq in ((model.encoder, 1 + g2 + n), (model.decoder, 1 + g2 + n + 77)):
+        for vit, seq in ((model.encoder, 1 + g2 + n), (model.decoder, 1 + g2 + n + model.decoder.text_context_length)):
             params = sum(m.weight.numel() for m in vit.transformer.modules() if isinstance(m, nn.Linear))
             total += 6.0 * params * seq + 12.0 * vit.num_layers * vit.width * seq ** 2
         return total
