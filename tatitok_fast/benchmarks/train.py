@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure, run_header, to_mib
+from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure_interleaved, run_header, to_mib
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "training" / "recipes"
 BACKENDS = ("bf16", "fp32", "torchao", "te")
@@ -100,8 +100,8 @@ class Step:
         if self.cfg.job.recipe == "tatitok":
             s = self.model.image_size
             return {"image": torch.rand(b, 3, s, s, generator=g).to(dev),
-                    "guidance": torch.randn(b, 77, width, generator=g).to(dev)}
-        out = {"condition": torch.randn(b, 77, width, generator=g).to(dev),
+                    "guidance": torch.randn(b, self.model.decoder.text_context_length, width, generator=g).to(dev)}
+        out = {"condition": torch.randn(b, self.model.text_context_length, width, generator=g).to(dev),
                "condition_pooled": torch.randn(b, 1, width, generator=g).to(dev),
                "aes_score": torch.full((b,), 6.0, device=dev), "text_dropped": torch.zeros(b, device=dev)}
         if r.mode == "vq":
@@ -203,16 +203,17 @@ def run(args: argparse.Namespace, devices: list[str]) -> Report:
             except NotOfficial as exc:  # the demo's tokenizer: our rows only, and why
                 report.notes.append(f"{device} official: {exc}")
         rows = []
-        for impl, dtype, fn in fns:
+        # interleaved rounds on CPU (ours and the official step alike under a shared machine's load)
+        timings = measure_interleaved([fn for *_, fn in fns], device=device, min_run_time=0.2 if args.quick else 3.0)
+        for (impl, dtype, _), t in zip(fns, timings):
             plan = case.fp8_plans.get(dtype) if impl == "tatitok_fast" else None
             # the FP8 rows say how many projections ran in FP8 (and the recipe)
             variant = f"{plan.converted} of {plan.total} layers FP8 ({plan.recipe})" if plan else dtype
-            t = measure(fn, device=device, min_run_time=0.2 if args.quick else 3.0, memory=True, flush_l2=False)
             ips = case.batch_size / (t.median_ms * 1e-3)
             rows.append(Measurement(suite="train", case="train step", impl=impl, device=device, dtype=dtype,
                                     shapes=shapes, median_ms=t.median_ms, iqr_ms=t.iqr_ms,
                                     peak_extra_mb=to_mib(t.peak_extra_bytes), variant=variant, items_per_s=ips,
-                                    tflops=flops * ips / 1e12 if flops else None))
+                                    tflops=flops * ips / 1e12 if flops else None, timer=t.timer))
         report.notes += case.notes
         base = next((r for r in rows if r.impl == "official"), None)  # the configs' mixed precision
         for r in rows:
