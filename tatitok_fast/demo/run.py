@@ -38,7 +38,7 @@ from tatitok_fast.demo import curves, detector, report, shapes
 __all__ = ["DemoError", "Plan", "PLANS", "TEXT_ENCODER", "run_demo", "prepare_out_dir", "make_data", "test_prompts",
            "evaluate_tokenizer", "tokenize_data", "generate_and_score", "write_outputs"]
 
-TEXT_ENCODER = {"name": "tiny", "seed": 0}
+TEXT_ENCODER = {"name": "tiny", "seed": 0, "context_length": 16}  # the captions' longest is 15 tokens
 # what the demo writes into DIR; with --force exactly these are replaced, nothing else
 OUTPUTS = ("data", "runs", "tokenizer", "tokens", "generator", "samples", "grid.png", "curves.png", "report.json",
            "report.md")
@@ -67,7 +67,7 @@ class Plan:
 
 PLANS = {
     "full": Plan(train_images=4000, eval_images=64, samples_per_prompt=8, tokenizer_steps=1000,
-                 generator_steps=600),
+                 generator_steps=1300),
     "quick": Plan(train_images=128, eval_images=16, samples_per_prompt=1, tokenizer_steps=10,
                   generator_steps=10, tokenizer_batch=8, generator_batch=16, detector_check_images=50,
                   prompts_per_split=6),
