@@ -289,12 +289,15 @@ class CLIPTextEncoder(nn.Module):
             torch.manual_seed(seed)
             model = CLIP(embed_dim=64,
                          vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-                         text_cfg={"context_length": context_length, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2})
+                         text_cfg={"context_length": context_length, "vocab_size": 49408, "width": 64, "heads": 4,
+                                   "layers": 2})
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.05, generator=gen) if p.dim() > 1 else p.add_(0.05 * torch.randn(p.shape, generator=gen))
         self = cls.from_open_clip(model.eval(), open_clip.get_tokenizer("ViT-L-14-336", context_length=context_length))
-        self._spec = {"name": "tiny", "seed": seed, **({"context_length": context_length} if context_length != 77 else {})}
+        self._spec = {"name": "tiny", "seed": seed}
+        if context_length != 77:  # specs of CLIP's own length stay as they were
+            self._spec["context_length"] = context_length
         return self
 
     # -- specs: the text encoder a checkpoint's config names (model.text_encoder) ------------

@@ -75,7 +75,8 @@ def test_short_context_end_to_end():
     images = TextToImage(gen, tok, enc)(["a red circle", "a blue square"], steps=2,
                                         generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, tok.image_size, tok.image_size) and torch.isfinite(images).all()
-    with pytest.raises(ValueError, match="text_encoder: gives 77 CLIP tokens per caption, the generator was built for 16"):
+    with pytest.raises(ValueError, match="text_encoder: gives 77 CLIP tokens per caption, the generator was built "
+                                         "for 16"):
         TextToImage(gen, tok, CLIPTextEncoder.tiny(3)).tokens(["a red circle"], steps=2)
     with pytest.raises(ValueError, match="text_context_length .*generator 77, tokenizer 16"):
         TextToImage(MaskGen_VQ(tiny_generator_config("vq")), tok, enc)

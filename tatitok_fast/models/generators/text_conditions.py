@@ -36,8 +36,10 @@ def text_conditions(captions: Sequence[str], text_encoder=None, clip_tokenizer=N
             raise ValueError("text_encoder: pass a CLIPTextEncoder or the (clip_tokenizer, clip_encoder) pair")
         text_encoder = default_encoder()
     if text_encoder is not None and not isinstance(text_encoder, CLIPTextEncoder):
-        raise TypeError(f"text_encoder: expected a tatitok_fast.text.CLIPTextEncoder, got {type(text_encoder).__name__}")
-    length = text_encoder.context_length if text_encoder is not None else int(clip_encoder.positional_embedding.shape[0])
+        raise TypeError(f"text_encoder: expected a tatitok_fast.text.CLIPTextEncoder, "
+                        f"got {type(text_encoder).__name__}")
+    length = (text_encoder.context_length if text_encoder is not None
+              else int(clip_encoder.positional_embedding.shape[0]))
     if context_length is not None and length != context_length:
         raise ValueError(f"text_encoder: gives {length} CLIP tokens per caption, the generator was built for "
                          f"{context_length} (its config's vq_model.text_context_length)")
