@@ -264,6 +264,17 @@ def test_bench_train_names_what_the_official_code_cannot_build(tmp_path):
     from tatitok_fast.benchmarks.official_training import check_official_config
     check_official_config({"model": {"vq_model": {"vit_enc_model_size": "base", "vit_dec_model_size": "large"}}})
 
+def test_bench_train_rows_each_step_with_their_own_loss_module():
+    # the recipe object is shared by the rows: each step must put its own loss module back
+    # (the CPU bf16 row computes the perceptual nets in bf16, as the official loss does there)
+    from tatitok_fast.benchmarks.train import Step, _recipe_path
+
+    case = Step(_recipe_path("tatitok_bl32_vq", True), "cpu", 1, True)
+    steps = {backend: case.ours(backend) for backend in ("bf16", "fp32")}
+    for backend in ("bf16", "fp32", "bf16"):
+        assert torch.isfinite(steps[backend]())
+        assert case.recipe.loss_module.cfg.perceptual_precision == backend
+
 @pytest.mark.parametrize("generator", ["maskgen_vq_l", "maskgen_kl_l"])
 def test_bench_generate_quick_without_official(tmp_path, generator):
     out = tmp_path / "r.json"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -131,13 +132,18 @@ class Step:
             self.notes.append(f"{self.device.type} {plan.summary()}")  # the recipe says "emulated" off FP8 hardware
         model.to(self.device).train()
         aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
-        if aux is not None:
-            self.recipe.loss_module = aux
+        if backend == "bf16" and self.device.type == "cpu" and hasattr(getattr(aux, "cfg", None), "perceptual_precision"):
+            # like for like: the official loss computes its perceptual nets in bf16 under CPU autocast
+            aux.cfg = dataclasses.replace(aux.cfg, perceptual_precision="bf16")
+            self.notes.append("cpu bf16: ours with loss.perceptual_precision = bf16, as the official loss computes "
+                              "its perceptual networks under CPU autocast")
         opt = optim.build_optimizer(model.named_parameters(), self.cfg.optimizer, self.recipe.no_decay, self.device)
         aux_opt = (optim.build_optimizer(aux.named_parameters(), self.cfg.aux_optimizer, self.recipe.no_decay,
                                          self.device) if aux is not None else None)
 
         def step():
+            if aux is not None:  # this backend's loss module (the recipe object is shared by every row)
+                self.recipe.loss_module = aux
             opt.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp), ctx():
                 out = self.recipe.forward_loss(model, self.batch, 1)

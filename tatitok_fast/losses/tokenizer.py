@@ -55,6 +55,10 @@ class TokenizerLossConfig:
     convnext_s_weights_path: str = _f("", "local convnext_small-0c510722.pth (default: "
                                       "$TATITOK_FAST_CONVNEXT_S_WEIGHTS, torch hub cache)")
     download_weights: bool = _f(True, "download missing perceptual weights into the torch hub cache")
+    perceptual_precision: str = _f("fp32", "the frozen perceptual networks' compute: fp32 (the official code on "
+                                   "CUDA) or bf16 (autocast; what the official code does on CPU, where its "
+                                   "CUDA-only autocast guard leaves them in bf16: 2x its fp32 step on Zen 4)",
+                                   ("fp32", "bf16"))
     discriminator_start: int = _f(200_000, "step from which the GAN terms are on (both sides)")
     discriminator_factor: float = _f(1.0, "factor of both GAN terms once on")
     discriminator_weight: float = _f(0.1, "weight of the generator's GAN term (constant: no adaptive weight)")
@@ -74,6 +78,8 @@ def validate_loss_config(cfg: TokenizerLossConfig) -> None:
     parse_perceptual_spec(cfg.perceptual_loss)
     if cfg.perceptual_weights not in ("pretrained", "random"):
         raise ValueError(f"perceptual_weights: expected 'pretrained' or 'random', got {cfg.perceptual_weights!r}")
+    if cfg.perceptual_precision not in ("fp32", "bf16"):
+        raise ValueError(f"perceptual_precision: expected 'fp32' or 'bf16', got {cfg.perceptual_precision!r}")
     for name in ("reconstruction_weight", "perceptual_weight", "discriminator_factor", "discriminator_weight",
                  "lecam_regularization_weight", "quantizer_weight", "kl_weight"):
         value = getattr(cfg, name)
@@ -178,7 +184,10 @@ class TokenizerLoss(nn.Module):
         if self.quantize_mode == "vae":
             pixel = pixel / math.exp(c.logvar_init)
         zero = x.new_zeros(())
-        perceptual = self._perceptual_on(x.device)(x, x_hat) if self._perceptual else zero
+        perceptual = zero
+        if self._perceptual:  # fp32 weights; bf16 compute under perceptual_precision = "bf16"
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=c.perceptual_precision == "bf16"):
+                perceptual = self._perceptual_on(x.device)(x, x_hat).float()
 
         factor = self._factor(global_step)
         gan = zero

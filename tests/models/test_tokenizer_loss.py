@@ -269,3 +269,30 @@ def test_pretrained_files_are_loaded_from_local_paths(tmp_path, monkeypatch):
     torch.save({**sd, "classifier.2.weight": torch.zeros(3, 768)}, path)
     with pytest.raises(ValueError, match="ConvNeXt-S.*does not fit"):
         PerceptualLoss("convnext_s", download=False)
+
+
+def test_bf16_perceptual_computes_in_bf16():
+    """perceptual_precision = "bf16" runs the frozen perceptual networks' convolutions and
+    projections in bf16 (what the official loss does in a CPU training step, where its
+    torch.cuda.amp guard leaves CPU autocast on), keeps the loss and the gradient fp32, and
+    stays within bf16 rounding of the fp32 term; "fp32" (the default) computes in fp32."""
+    x, x_hat = _images(3)
+    seen, terms = {}, {}
+    for precision in ("fp32", "bf16"):
+        cfg = TokenizerLossConfig(perceptual_weights="random", perceptual_loss="lpips", discriminator_start=D_START,
+                                  perceptual_precision=precision)
+        loss_mod = TokenizerLoss.from_config(cfg, "vq")
+        dtypes = seen[precision] = set()
+        for m in loss_mod.perceptual.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.register_forward_hook(lambda mod, args, out, dtypes=dtypes: dtypes.add(out.dtype))
+        r = x_hat.clone().requires_grad_(True)
+        loss, logs = loss_mod.generator_loss(x, r, {"quantizer_loss": torch.tensor(0.0)}, 0)
+        (g,) = torch.autograd.grad(loss, r)
+        assert loss.dtype == g.dtype == torch.float32 and torch.isfinite(g).all()
+        terms[precision] = logs["perceptual_loss"]
+    assert seen == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert terms["bf16"] != terms["fp32"]
+    assert abs(terms["bf16"] - terms["fp32"]) <= 0.05 * abs(terms["fp32"]), terms
+    with pytest.raises(ValueError, match="perceptual_precision: expected 'fp32' or 'bf16', got 'fp16'"):
+        TokenizerLoss.from_config(dataclasses.replace(cfg, perceptual_precision="fp16"), "vq")
