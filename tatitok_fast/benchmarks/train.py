@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tatitok_fast.benchmarks.harness import Measurement, Report, load_average, measure_interleaved, run_header, to_mib
+from tatitok_fast.benchmarks.harness import (Measurement, Report, load_average, measure_interleaved, run_header,
+                                             to_mib)
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "training" / "recipes"
 BACKENDS = ("bf16", "fp32", "torchao", "te")
@@ -101,7 +102,8 @@ class Step:
         if self.cfg.job.recipe == "tatitok":
             s = self.model.image_size
             return {"image": torch.rand(b, 3, s, s, generator=g).to(dev),
-                    "guidance": torch.randn(b, self.model.decoder.text_context_length, width, generator=g).to(dev)}
+                    "guidance": torch.randn(b, self.model.decoder.text_context_length, width,
+                                            generator=g).to(dev)}
         out = {"condition": torch.randn(b, self.model.text_context_length, width, generator=g).to(dev),
                "condition_pooled": torch.randn(b, 1, width, generator=g).to(dev),
                "aes_score": torch.full((b,), 6.0, device=dev), "text_dropped": torch.zeros(b, device=dev)}
@@ -132,7 +134,8 @@ class Step:
             self.notes.append(f"{self.device.type} {plan.summary()}")  # the recipe says "emulated" off FP8 hardware
         model.to(self.device).train()
         aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
-        if backend == "bf16" and self.device.type == "cpu" and hasattr(getattr(aux, "cfg", None), "perceptual_precision"):
+        if backend == "bf16" and self.device.type == "cpu" and hasattr(getattr(aux, "cfg", None),
+                                                                       "perceptual_precision"):
             # like for like: the official loss computes its perceptual nets in bf16 under CPU autocast
             aux.cfg = dataclasses.replace(aux.cfg, perceptual_precision="bf16")
             self.notes.append("cpu bf16: ours with loss.perceptual_precision = bf16, as the official loss computes "
