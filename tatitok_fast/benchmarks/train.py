@@ -119,6 +119,7 @@ class Step:
 
     def ours(self, backend: str):
         """A step closure of our model for `backend` (bf16 autocast; fp32; FP8 projections)."""
+        from tatitok_fast.losses.tokenizer import TokenizerLoss
         from tatitok_fast.training import fp8, optim
 
         model = copy.deepcopy(self.model)
@@ -134,8 +135,7 @@ class Step:
             self.notes.append(f"{self.device.type} {plan.summary()}")  # the recipe says "emulated" off FP8 hardware
         model.to(self.device).train()
         aux = copy.deepcopy(self.loss_module).to(self.device) if self.loss_module is not None else None
-        if backend == "bf16" and self.device.type == "cpu" and hasattr(getattr(aux, "cfg", None),
-                                                                       "perceptual_precision"):
+        if backend == "bf16" and self.device.type == "cpu" and isinstance(aux, TokenizerLoss):
             # like for like: the official loss computes its perceptual nets in bf16 under CPU autocast
             aux.cfg = dataclasses.replace(aux.cfg, perceptual_precision="bf16")
             self.notes.append("cpu bf16: ours with loss.perceptual_precision = bf16, as the official loss computes "
