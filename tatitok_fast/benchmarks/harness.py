@@ -369,13 +369,16 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 1 << 30, min_r
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
-def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, min_run_time: float = 0.5) -> float:
+def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, min_run_time: float = 0.5,
+                     n: int | None = None) -> float:
     """A practical compute peak (TFLOP/s): a large square matmul in `dtype` (n = 8192 on CUDA,
     4096 fp32 / 1024 low precision on CPU, where bf16 without matrix units is slow; on 2 AVX2
     cores fp32 reached 73, 80 and 111 GFLOP/s at n = 1024, 2048, 4096), 2 n^3 FLOPs per call,
-    timed with torch's thread count; the best of three timings."""
+    timed with torch's thread count; the best of three timings. n: another size (a --quick
+    smoke run takes a small one: the 4096 fp32 peak alone costs ~20 s on 2 CPU cores)."""
     cuda = torch.device(device).type == "cuda"
-    n = 8192 if cuda else (4096 if dtype == torch.float32 else 1024)
+    if n is None:
+        n = 8192 if cuda else (4096 if dtype == torch.float32 else 1024)
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     # the best of three medians: a peak, so a busy moment of a shared machine should not lower it

@@ -233,11 +233,14 @@ def case_rows(case: ModelCase, device: str, args) -> list[Measurement]:
     return list(rows.values())
 
 
-def fill_gemm_peak(report: Report) -> None:
+QUICK_PEAK_N = 512  # --quick: the peak of a 512 matmul, a smoke figure like the rest of the run
+
+
+def fill_gemm_peak(report: Report, quick: bool = False) -> None:
     """Each row's TFLOP/s as % of a large square matmul on its device, timed now, in its dtype,
     or in fp32 for bf16/fp16 rows on a CPU without units for them (there the fp32 matmul is the
     fastest this machine does that work, and what our low-precision path runs). The peaks go
-    into the header, keyed "device dtype"."""
+    into the header, keyed "device dtype". quick: a small matmul (QUICK_PEAK_N), briefly timed."""
     from tatitok_fast.models.nn.layers import cpu_upcasts
 
     by_name = {dtype_name(d): d for d in DTYPES.values()}  # a row's dtype column -> dtype
@@ -250,14 +253,16 @@ def fill_gemm_peak(report: Report) -> None:
             dtype = torch.float32
         key = (r.device, dtype_name(dtype))
         if key not in peaks:
-            peaks[key] = gemm_peak_tflops(r.device, dtype)
+            peaks[key] = (gemm_peak_tflops(r.device, dtype, min_run_time=0.02, n=QUICK_PEAK_N) if quick
+                          else gemm_peak_tflops(r.device, dtype))
         r.pct_of_gemm_peak = 100.0 * r.tflops / peaks[key]
     if peaks:
         report.header["gemm_peak_tflops"] = {f"{d} {t}": v for (d, t), v in peaks.items()}
         report.notes.append("TFLOP/s: matmul, convolution and attention FLOPs of one eager call (torch's "
                             "FlopCounterMode) per second; % GEMM peak: of a square matmul timed in this run ("
                             + ", ".join(f"{d} {t} {v:.3g} TFLOP/s" for (d, t), v in peaks.items())
-                            + "), in fp32 for bf16/fp16 rows on a CPU without bf16/fp16 units")
+                            + "), in fp32 for bf16/fp16 rows on a CPU without bf16/fp16 units"
+                            + (f" (--quick: a {QUICK_PEAK_N}x{QUICK_PEAK_N} matmul)" if quick else ""))
 
 
 def model_report(kind: str, cases_fn, args, devices) -> Report:
@@ -277,7 +282,7 @@ def model_report(kind: str, cases_fn, args, devices) -> Report:
             for case in cases:
                 report.rows += case_rows(case, device, args)
                 bar.update(len(case.variants))
-    fill_gemm_peak(report)
+    fill_gemm_peak(report, quick=args.quick)
     if not args.official:
         report.notes.append("no --official checkout given: speed-ups are against our reference_mode fp32 row, "
                             "not the official code")
