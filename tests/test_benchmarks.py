@@ -290,6 +290,7 @@ def test_bench_generate_quick_without_official(tmp_path, generator):
     flops = [r["tflops"] * 1e12 * r["median_ms"] * 1e-3 for r in (fast, ref)]
     assert flops[0] > 0 and flops[0] == pytest.approx(flops[1])
     peaks = data["header"]["gemm_peak_tflops"]  # bf16 rows: the fp32 peak where the CPU lacks bf16 units
+    assert any("--quick: a 512x512 matmul" in n for n in data["notes"])  # a smoke run's peak, said so
     from tatitok_fast.models.nn.layers import cpu_upcasts
 
     for r in (fast, ref):
