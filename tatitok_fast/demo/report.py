@@ -6,7 +6,7 @@ metrics they show (reconstruction PSNR, codebook usage).
     {"seed": 0, "quick": False, "text_encoder": {...}, "total_seconds": 512.3,
      "stages": {"data": 3.1, "train tokenizer": 201.0, ...},          # seconds, in run order
      "tokenizer": {"psnr": 24.3, "mean_image_psnr": 13.6, "codes_used": 51, "codebook_size": 64,
-                   "num_images": 64},
+                   "num_images": 64, "detector_on_reconstructions": {"color_acc": 1.0, "shape_acc": 0.8, ...}},
      "detector_on_data": {"color_acc": 1.0, "shape_acc": 1.0, ...},   # sanity check on renders
      "adherence": {"trained":   {"seen": SCORE, "held_out": SCORE},
                    "untrained": {"seen": SCORE, "held_out": SCORE}}}  # SCORE: detector.score(...)
@@ -117,6 +117,12 @@ def render_markdown(results: dict) -> str:
                   "Fresh renders of every colour-shape pair, held-out pairs included. The mean image (the "
                   "training set's average, what a tokenizer whose tokens carry nothing outputs) is the bar to "
                   "clear. Learning curves: curves.png.", ""]
+        on_recon = tok.get("detector_on_reconstructions")
+        if on_recon:
+            lines += [f"Detector on these reconstructions: colour {_pct(on_recon.get('color_acc'))}, shape "
+                      f"{_pct(on_recon.get('shape_acc'))}, count {_pct(on_recon.get('count_acc'))}: what a generator "
+                      "that reproduced the renders' exact tokens would score: roughly the ceiling on the generator's "
+                      "shape scores through this tokenizer's decoder.", ""]
 
     stages = results.get("stages")
     if stages:

@@ -124,8 +124,10 @@ def make_data(data_dir: Path, plan: Plan, seed: int, progress: bool = True) -> t
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, text_encoder, plan: Plan, seed: int, *, device: str = "cpu",
                        num_pairs: int = 8) -> tuple[dict, list]:
-    """Reconstruction PSNR and codebook usage on `plan.eval_images` fresh renders (all pairs);
-    returns (metrics, [(original, reconstruction)] PIL pairs for the grid)."""
+    """Reconstruction PSNR, codebook usage and the detector's scores on the reconstructions
+    ("detector_on_reconstructions": what a generator reproducing these images' exact tokens
+    would score) on `plan.eval_images` fresh renders (all pairs); returns (metrics,
+    [(original, reconstruction)] PIL pairs for the grid)."""
     from tatitok_fast.images import load_images, to_pil
 
     samples = list(shapes.iter_samples(plan.eval_images, seed + 1, pairs=shapes.ALL_PAIRS, size=plan.image_size))
@@ -140,7 +142,10 @@ def evaluate_tokenizer(tokenizer, text_encoder, plan: Plan, seed: int, *, device
                "num_images": len(samples)}
     if tokenizer.quantize_mode == "vq":
         metrics.update(report.codebook_usage(ids, tokenizer.codebook_size))
-    pairs = list(zip(to_pil(x[:num_pairs]), to_pil(recon[:num_pairs])))
+    recon_pil = to_pil(recon)
+    on_recon = detector.score(recon_pil, [t for _, t in samples])
+    metrics["detector_on_reconstructions"] = {k: on_recon[k] for k in ("color_acc", "shape_acc", "count_acc")}
+    pairs = list(zip(to_pil(x[:num_pairs]), recon_pil[:num_pairs]))
     return metrics, pairs
 
 

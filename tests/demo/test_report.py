@@ -17,7 +17,8 @@ def _score(c, s):
 
 RESULTS = {"seed": 3, "quick": True, "text_encoder": {"name": "tiny", "seed": 0}, "total_seconds": 75.5,
            "stages": {"data": 1.25, "train tokenizer": 61.0},
-           "tokenizer": {"psnr": 23.456, "mean_image_psnr": 13.61, "codes_used": 48, "codebook_size": 64, "num_images": 16},
+           "tokenizer": {"psnr": 23.456, "mean_image_psnr": 13.61, "codes_used": 48, "codebook_size": 64, "num_images": 16,
+                         "detector_on_reconstructions": {"color_acc": 1.0, "shape_acc": 0.8125, "count_acc": 0.9375}},
            "detector_on_data": {"color_acc": 1.0, "shape_acc": 0.995, "num_images": 200},
            "adherence": {"trained": {"seen": _score(0.9, 0.75), "held_out": _score(0.5, 0.625)},
                          "untrained": {"seen": _score(0.125, 0.25), "held_out": _score(0.0, 0.3)}}}
@@ -36,6 +37,7 @@ def test_write_report(tmp_path):
                     "| untrained (chance) | seen | 12.5% | 25.0% | 12.5% | 50.0% | 10 |",
                     "| untrained (chance) | held-out | 0.0% | 30.0% | 0.0% | 50.0% | 10 |"]
     assert "| 23.46 dB | 13.61 dB | 48 / 64 codes (75.0%) | 16 |" in md
+    assert "Detector on these reconstructions: colour 100.0%, shape 81.2%, count 93.8%" in md
     assert "| train tokenizer | 1 min 1 s |" in md and "| data | 1.2 s |" in md
     assert "seed 3, quick mode, total 1 min 16 s" in md
 
