@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import os
 import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
 import torch
@@ -351,6 +352,9 @@ class CLIPTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self._empty: dict[tuple[torch.device, torch.dtype], TextEncoding] = {}
+        # caption -> its batch-of-one encoding, least recently used first (off at size 0; see cache_captions)
+        self.caption_cache_size = 0
+        self._captions: OrderedDict[str, TextEncoding] = OrderedDict()
         # New weights make the cached empty prompt stale; hooked on the CLIP itself so that
         # loading into either it or this wrapper clears the cache (weakref: no cycle through it).
         owner = weakref.ref(self)
@@ -358,6 +362,7 @@ class CLIPTextEncoder(nn.Module):
         def _clear(_module: nn.Module, _keys: object) -> None:
             if (encoder := owner()) is not None:
                 encoder._empty.clear()
+                encoder._captions.clear()
 
         model.register_load_state_dict_post_hook(_clear)
 
@@ -406,8 +411,36 @@ class CLIPTextEncoder(nn.Module):
         no_grad rather than inference_mode: the outputs feed trainable generators, and
         inference tensors cannot be saved for their backward pass.
         """
+        if self.caption_cache_size:
+            return self._cached(_check_captions(captions))
         with torch.no_grad():
             return encode_token_ids(self.model, self.tokenize(captions).to(self.device))
+
+    def cache_captions(self, max_entries: int) -> "CLIPTextEncoder":
+        """Keep the encodings of up to `max_entries` distinct captions (least recently used
+        out first; 0: off, the default). For training on data that repeats its captions (the
+        demo's ~200 captions, where the frozen tower was a fifth of a generator step). Each new
+        caption is encoded alone, so its states never depend on the captions that shared its
+        batch: a run gives the same numbers whatever the cache held (a resumed run starts empty).
+        Uncached, a batch is encoded in one call, which may differ from this in the last bits."""
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+            raise ValueError(f"max_entries: expected an int >= 0, got {max_entries!r}")
+        self.caption_cache_size = max_entries
+        while len(self._captions) > max_entries:
+            self._captions.popitem(last=False)
+        return self
+
+    def _cached(self, captions: list[str]) -> TextEncoding:
+        cache, batch = self._captions, {}
+        for caption in dict.fromkeys(captions):  # distinct, in order
+            enc = cache.pop(caption, None)
+            if enc is None:
+                with torch.no_grad():
+                    enc = encode_token_ids(self.model, self.tokenize([caption]).to(self.device))
+            cache[caption] = batch[caption] = enc  # most recently used last
+            if len(cache) > self.caption_cache_size:
+                cache.popitem(last=False)
+        return TextEncoding(*(torch.cat(parts) for parts in zip(*(batch[c] for c in captions))))
 
     def empty_prompt(self, batch_size: int = 1) -> TextEncoding:
         """Encoding of "" (the CFG / text-dropout null condition), computed once per
@@ -420,8 +453,9 @@ class CLIPTextEncoder(nn.Module):
         return self._empty[key].expand(batch_size)
 
     def _apply(self, fn, recurse: bool = True):
-        # .to()/.cuda()/.half() rewrite the weights: the cached empty prompt is stale.
+        # .to()/.cuda()/.half() rewrite the weights: the cached empty prompt and captions are stale.
         self._empty.clear()
+        self._captions.clear()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -51,6 +51,8 @@ class Model:
     tokenizer: str = opt("", "maskgen / maskgit: the paired tokenizer (preset or directory) that decodes logged samples")
     text_encoder: dict = opt({"name": "ViT-L-14-336", "pretrained": "openai"},
                              "frozen CLIP text tower: {name, pretrained} or {name = \"tiny\", seed = 0}")
+    text_cache: int = opt(0, "keep the text tower's outputs for up to N distinct captions (LRU, each caption encoded "
+                             "alone); for data that repeats its captions (the demo); 0: off")
 
 
 @dataclass
@@ -359,6 +361,8 @@ def validate(cfg: JobConfig) -> None:
     if cfg.fp8.backend == "torchao" and cfg.fp8.recipe not in ao_recipes:
         raise ConfigError(f"fp8.recipe: with fp8.backend = 'torchao' expected one of {list(ao_recipes)}, "
                           f"got {cfg.fp8.recipe!r}")
+    if cfg.model.text_cache < 0:
+        raise ConfigError(f"model.text_cache: expected >= 0 (0: off), got {cfg.model.text_cache}")
     te = cfg.model.text_encoder
     if not isinstance(te.get("name"), str):
         raise ConfigError(f"model.text_encoder: expected {{name = ..., pretrained = ...}}, got {te!r}")

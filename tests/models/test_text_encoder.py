@@ -229,6 +229,39 @@ def test_empty_prompt_is_cached_and_refreshed_on_move(tokenizer):
     assert_encoding_close(again, tuple(one), atol=1e-6, rtol=1e-6)
 
 
+def test_caption_cache_gives_each_captions_batch_of_one_encoding(tokenizer):
+    encoder = CLIPTextEncoder.from_open_clip(tiny_clip(), tokenizer)
+    batched = encoder(CAPTIONS)
+    singles = {c: encoder([c]) for c in CAPTIONS}
+    passes = []
+    encoder.model.token_embedding.register_forward_hook(lambda *_: passes.append(1))
+
+    encoder.cache_captions(3)
+    mixed = [CAPTIONS[2], CAPTIONS[0], CAPTIONS[2], CAPTIONS[1]]
+    enc = encoder(mixed)
+    assert len(passes) == 3  # one pass per distinct caption, the repeat from the cache
+    for i, c in enumerate(mixed):  # bit for bit each caption's own batch of one, whatever shares its batch
+        assert all(torch.equal(t[i:i + 1], u) for t, u in zip(enc, singles[c]))
+    assert_encoding_close(tuple(t[[2, 0, 2, 1]] for t in batched), tuple(enc), atol=1e-5, rtol=1e-5)
+    assert list(encoder._captions) == [CAPTIONS[2], CAPTIONS[0], CAPTIONS[1]]  # least recently used first
+
+    encoder([CAPTIONS[3], CAPTIONS[0]])  # a 4th caption evicts the least recently used (CAPTIONS[2])
+    assert len(passes) == 4 and list(encoder._captions) == [CAPTIONS[1], CAPTIONS[3], CAPTIONS[0]]
+    encoder([CAPTIONS[0]])
+    assert len(passes) == 4  # still held
+
+    encoder.to(torch.float64)  # new weights' dtype: the held encodings are stale
+    assert not encoder._captions
+    assert encoder([CAPTIONS[0]]).pooled.dtype == torch.float64 and len(passes) == 5
+    encoder.load_state_dict({f"model.{k}": v.double() for k, v in tiny_clip(seed=1).state_dict().items()})
+    assert not encoder._captions
+    encoder.cache_captions(0)  # off: the batched call again
+    assert len(encoder([CAPTIONS[0], CAPTIONS[1]])) == 3 and not encoder._captions
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_entries"):
+            encoder.cache_captions(bad)
+
+
 @pytest.mark.parametrize("into", ["wrapper", "clip"])
 def test_empty_prompt_refreshed_on_new_weights(tokenizer, into):
     encoder = CLIPTextEncoder.from_open_clip(tiny_clip(seed=0), tokenizer)

@@ -32,6 +32,7 @@ def test_overrides_are_typed_and_applied():
     (["--training.steps", "3.5"], "training.steps"),
     (["--optimizer.betas", "[0.9]"], "optimizer.betas"),
     (["--job.recipe", "gan"], "job.recipe"),
+    (["--model.text_cache", "-1"], "model.text_cache"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -87,16 +87,16 @@ def load_initial_weights(model: nn.Module, init_from: str, strict: bool) -> None
         model.post_load()
 
 
-def text_encoder(spec: dict, device: torch.device):
-    """The frozen CLIP text tower a run's model.text_encoder names; offline errors name the
-    file that is missing."""
+def text_encoder(spec: dict, device: torch.device, cache: int = 0):
+    """The frozen CLIP text tower a run's model.text_encoder names, keeping the outputs of up
+    to `cache` captions (model.text_cache); offline errors name the file that is missing."""
     from tatitok_fast.text import CLIPTextEncoder
 
     try:
         enc = CLIPTextEncoder.from_spec(spec, device=device)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ConfigError(f"model.text_encoder {spec}: {exc}") from None
-    return enc.eval().requires_grad_(False)
+    return enc.eval().requires_grad_(False).cache_captions(cache)
 
 
 def build(cls: type, config: dict, cfg) -> nn.Module:

@@ -64,7 +64,7 @@ class MaskGenRecipe(Recipe):
         return list(model.decoder_blocks) + list(model.diffloss.net.res_blocks)  # MM-DiT, then DiffLoss MLP
 
     def build_frozen(self) -> None:
-        self.text = common.text_encoder(self.cfg.model.text_encoder, self.device)
+        self.text = common.text_encoder(self.cfg.model.text_encoder, self.device, self.cfg.model.text_cache)
 
     # ---- data ----
     def decode_sample(self, sample: dict, rng: np.random.Generator) -> dict:

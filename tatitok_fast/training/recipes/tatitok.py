@@ -85,7 +85,7 @@ class TATiTokRecipe(Recipe):
         return self.loss_module
 
     def build_frozen(self) -> None:
-        self.text = common.text_encoder(self.cfg.model.text_encoder, self.device)
+        self.text = common.text_encoder(self.cfg.model.text_encoder, self.device, self.cfg.model.text_cache)
         self._inception = None
         e = self.cfg.eval
         if e.interval and e.shards and e.inception_weights != "none":  # fails here, before training, when offline
