@@ -4,7 +4,8 @@ Guards against the stall of issue 23: a tiny TA-TiTok trained from scratch on th
 sat at the training set's mean image (13.6 dB) for thousands of steps, with the same output for
 every input (its tokens carried nothing). A short run of training/recipes/demo_tokenizer.toml,
 through the same engine and evaluation the demo uses, must give reconstructions that differ
-across images and beat the mean image by a clear margin (1 dB) on fresh renders.
+across images, beat the mean image by a clear margin (1 dB) on fresh renders, and hold objects the
+shape detector finds.
 """
 import numpy as np
 
