@@ -17,7 +17,8 @@ def _score(c, s):
 
 RESULTS = {"seed": 3, "quick": True, "text_encoder": {"name": "tiny", "seed": 0}, "total_seconds": 75.5,
            "stages": {"data": 1.25, "train tokenizer": 61.0},
-           "tokenizer": {"psnr": 23.456, "mean_image_psnr": 13.61, "codes_used": 48, "codebook_size": 64, "num_images": 16,
+           "tokenizer": {"psnr": 23.456, "mean_image_psnr": 13.61, "codes_used": 48, "codebook_size": 64,
+                         "num_images": 16,
                          "detector_on_reconstructions": {"color_acc": 1.0, "shape_acc": 0.8125, "count_acc": 0.9375}},
            "detector_on_data": {"color_acc": 1.0, "shape_acc": 0.995, "num_images": 200},
            "adherence": {"trained": {"seen": _score(0.9, 0.75), "held_out": _score(0.5, 0.625)},
